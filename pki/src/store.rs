@@ -1,0 +1,513 @@
+//! The atomic file store.
+//!
+//! * Every file is written to a temporary file in the same directory, fsynced, renamed into place, and
+//!   the directory fsynced: a reader sees the old content or the new, never a torn file.
+//! * Keys are created `0600` with `create_new`; directories `0700`. A private key readable by group or
+//!   others, or owned by another user, is refused with its path and mode.
+//! * Certificate/key pairs are versioned: `pki/.store/<id>/<n>/{tls.crt,tls.key,tls.pem}` with a
+//!   `current` symlink that is swapped atomically by rename. The files consumers know
+//!   (`pki/apiserver.crt`, `pki/apiserver.key`, ...) are symlinks through `current`, so a single rename
+//!   switches cert and key together: the directory never holds a certificate beside a key that does not
+//!   match it, and `tls.pem` (cert and key in one file, as kubelet's `-current.pem`) gives a reader that
+//!   opens one file a consistent pair. The previous version is kept for rollback.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use crate::error::{PkiError, Result};
+use crate::keys::SecretPem;
+
+/// Mode of private key files.
+pub const KEY_MODE: u32 = 0o600;
+/// Mode of certificate files.
+pub const CERT_MODE: u32 = 0o644;
+/// Mode of directories meshd creates.
+pub const DIR_MODE: u32 = 0o700;
+
+const STORE_DIR: &str = "pki/.store";
+const TMP_PREFIX: &str = ".tmp-";
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
+    move |e| PkiError::io(path, e)
+}
+
+/// Creates `dir` and any missing parents with mode `0700`, and fsyncs each new entry's parent.
+pub fn ensure_dir(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        if !parent.as_os_str().is_empty() {
+            ensure_dir(parent)?;
+        }
+    }
+    match fs::DirBuilder::new().mode(DIR_MODE).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
+        Err(e) => return Err(PkiError::io(dir, e)),
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE)).map_err(io(dir))?;
+    if let Some(parent) = dir.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(())
+}
+
+/// fsyncs a directory so that renames and creations in it are durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    let d = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    File::open(d).and_then(|f| f.sync_all()).map_err(io(d))
+}
+
+fn tmp_name(dir: &Path, base: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    dir.join(format!("{TMP_PREFIX}{base}-{}-{n}", std::process::id()))
+}
+
+fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(io(path))?;
+    // The umask may have cleared bits we asked for; never leave more than `mode`.
+    f.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(io(path))?;
+    f.write_all(bytes).map_err(io(path))?;
+    f.sync_all().map_err(io(path))?;
+    Ok(())
+}
+
+/// Writes `bytes` to `path` atomically with `mode` (temp file, fsync, rename, fsync of the directory).
+/// On any error the previous content of `path` is untouched and the temp file is removed.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    ensure_dir(dir)?;
+    let base = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = tmp_name(dir, &base);
+    let res = write_new(&tmp, bytes, mode)
+        .and_then(|()| fs::rename(&tmp, path).map_err(io(path)))
+        .and_then(|()| sync_dir(dir));
+    if res.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    res
+}
+
+/// Reads a file as UTF-8 text, with the path in any error.
+pub fn read_text(path: &Path) -> Result<String> {
+    let bytes = fs::read(path).map_err(io(path))?;
+    String::from_utf8(bytes)
+        .map_err(|_| PkiError::bad_file(path, "not UTF-8 text (is it a PEM file?)"))
+}
+
+/// Checks that a private key file is accessible only by its owner and owned by the current user.
+pub fn check_key_file(path: &Path) -> Result<()> {
+    let meta = fs::metadata(path).map_err(io(path))?;
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(PkiError::InsecureKeyMode {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(PkiError::KeyOwner {
+            path: path.to_path_buf(),
+            owner: meta.uid(),
+            expected: me,
+        });
+    }
+    Ok(())
+}
+
+/// Reads a private key file after [`check_key_file`].
+pub fn read_key_file(path: &Path) -> Result<SecretPem> {
+    check_key_file(path)?;
+    let bytes = zeroize::Zeroizing::new(fs::read(path).map_err(io(path))?);
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| PkiError::bad_file(path, "not UTF-8 text (is it a PEM file?)"))?;
+    Ok(SecretPem::new(text.to_owned()))
+}
+
+/// Where the files of a versioned pair are exposed, relative to the data directory.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PairLinks {
+    /// The certificate (e.g. `pki/apiserver.crt`).
+    pub cert: Option<PathBuf>,
+    /// The private key (e.g. `pki/apiserver.key`).
+    pub key: Option<PathBuf>,
+    /// Certificate and key in one file (e.g. `kubelet/pki/kubelet-client-current.pem`).
+    pub combined: Option<PathBuf>,
+}
+
+/// A pair read from the store.
+#[derive(Debug)]
+pub struct StoredPair {
+    /// Certificate PEM.
+    pub cert_pem: String,
+    /// Private key PEM.
+    pub key_pem: SecretPem,
+    /// The version directory it was read from.
+    pub version_dir: PathBuf,
+    /// The version number.
+    pub version: u64,
+}
+
+/// Versioned certificate/key pairs under `<data-dir>/pki/.store`.
+#[derive(Clone, Debug)]
+pub struct PairStore {
+    data_dir: PathBuf,
+}
+
+impl PairStore {
+    /// A store rooted at `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        PairStore {
+            data_dir: data_dir.into(),
+        }
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The directory holding the versions of entry `id`.
+    pub fn entry_dir(&self, id: &str) -> PathBuf {
+        self.data_dir.join(STORE_DIR).join(id)
+    }
+
+    fn versions(&self, id: &str) -> Result<Vec<u64>> {
+        let dir = self.entry_dir(id);
+        let mut out = Vec::new();
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(PkiError::io(&dir, e)),
+        };
+        for ent in rd {
+            let ent = ent.map_err(io(&dir))?;
+            if let Some(n) = ent.file_name().to_str().and_then(|s| s.parse::<u64>().ok()) {
+                out.push(n);
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// The version `current` points at, if any.
+    pub fn current_version(&self, id: &str) -> Result<Option<u64>> {
+        let link = self.entry_dir(id).join("current");
+        match fs::read_link(&link) {
+            Ok(t) => Ok(t.to_str().and_then(|s| s.parse().ok())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(PkiError::io(&link, e)),
+        }
+    }
+
+    /// The newest version older than `current`, kept for rollback.
+    pub fn previous_version(&self, id: &str) -> Result<Option<u64>> {
+        let Some(cur) = self.current_version(id)? else {
+            return Ok(None);
+        };
+        Ok(self.versions(id)?.into_iter().filter(|v| *v < cur).max())
+    }
+
+    /// Reads the current pair of `id` (resolving `current` once, so cert and key come from one
+    /// version). `None` when the entry has no current version.
+    pub fn read_current(&self, id: &str) -> Result<Option<StoredPair>> {
+        match self.current_version(id)? {
+            Some(v) => self.read_version(id, v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Reads version `v` of `id`.
+    pub fn read_version(&self, id: &str, v: u64) -> Result<StoredPair> {
+        let dir = self.entry_dir(id).join(v.to_string());
+        let cert_pem = read_text(&dir.join("tls.crt"))?;
+        let key_pem = read_key_file(&dir.join("tls.key"))?;
+        Ok(StoredPair {
+            cert_pem,
+            key_pem,
+            version_dir: dir,
+            version: v,
+        })
+    }
+
+    /// Writes a new version of `id` and makes it current in one atomic step, then makes sure the
+    /// public links exist. Returns the new version number.
+    pub fn write_pair(
+        &self,
+        id: &str,
+        cert_pem: &str,
+        key_pem: &SecretPem,
+        links: &PairLinks,
+    ) -> Result<u64> {
+        let entry = self.entry_dir(id);
+        ensure_dir(&entry)?;
+        self.cleanup_tmp(id)?;
+        let next = self.versions(id)?.last().copied().unwrap_or(0) + 1;
+        let stage = tmp_name(&entry, "stage");
+        fs::DirBuilder::new()
+            .mode(DIR_MODE)
+            .create(&stage)
+            .map_err(io(&stage))?;
+        let staged = (|| {
+            write_new(&stage.join("tls.crt"), cert_pem.as_bytes(), CERT_MODE)?;
+            write_new(
+                &stage.join("tls.key"),
+                key_pem.expose().as_bytes(),
+                KEY_MODE,
+            )?;
+            let mut both = zeroize::Zeroizing::new(String::with_capacity(
+                cert_pem.len() + key_pem.expose().len() + 1,
+            ));
+            both.push_str(cert_pem);
+            if !cert_pem.ends_with('\n') {
+                both.push('\n');
+            }
+            both.push_str(key_pem.expose());
+            write_new(&stage.join("tls.pem"), both.as_bytes(), KEY_MODE)?;
+            sync_dir(&stage)?;
+            let final_dir = entry.join(next.to_string());
+            fs::rename(&stage, &final_dir).map_err(io(&final_dir))?;
+            sync_dir(&entry)
+        })();
+        if let Err(e) = staged {
+            let _ = fs::remove_dir_all(&stage);
+            return Err(e);
+        }
+        self.point_current(id, next)?;
+        self.ensure_links(id, links)?;
+        self.prune(id)?;
+        Ok(next)
+    }
+
+    /// Atomically points `current` of `id` at version `v` (used by rollback).
+    pub fn point_current(&self, id: &str, v: u64) -> Result<()> {
+        let entry = self.entry_dir(id);
+        let tmp = tmp_name(&entry, "current");
+        std::os::unix::fs::symlink(v.to_string(), &tmp).map_err(io(&tmp))?;
+        let cur = entry.join("current");
+        if let Err(e) = fs::rename(&tmp, &cur) {
+            let _ = fs::remove_file(&tmp);
+            return Err(PkiError::io(&cur, e));
+        }
+        sync_dir(&entry)
+    }
+
+    /// Makes the public links of `id` point through `current` (idempotent).
+    pub fn ensure_links(&self, id: &str, links: &PairLinks) -> Result<()> {
+        for (rel, file) in [
+            (&links.cert, "tls.crt"),
+            (&links.key, "tls.key"),
+            (&links.combined, "tls.pem"),
+        ] {
+            if let Some(rel) = rel {
+                self.link(id, rel, file)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn link(&self, id: &str, rel: &Path, file: &str) -> Result<()> {
+        let depth = rel
+            .parent()
+            .map(|p| {
+                p.components()
+                    .filter(|c| matches!(c, Component::Normal(_)))
+                    .count()
+            })
+            .unwrap_or(0);
+        let mut target = PathBuf::new();
+        for _ in 0..depth {
+            target.push("..");
+        }
+        target.push(STORE_DIR);
+        target.push(id);
+        target.push("current");
+        target.push(file);
+        let path = self.data_dir.join(rel);
+        if fs::read_link(&path).ok().as_deref() == Some(target.as_path()) {
+            return Ok(());
+        }
+        let dir = path.parent().unwrap_or(Path::new("."));
+        ensure_dir(dir)?;
+        let tmp = tmp_name(dir, "link");
+        std::os::unix::fs::symlink(&target, &tmp).map_err(io(&tmp))?;
+        if let Err(e) = fs::rename(&tmp, &path) {
+            let _ = fs::remove_file(&tmp);
+            return Err(PkiError::io(&path, e));
+        }
+        sync_dir(dir)
+    }
+
+    /// Removes leftovers of an interrupted write of `id`.
+    pub fn cleanup_tmp(&self, id: &str) -> Result<()> {
+        let entry = self.entry_dir(id);
+        let rd = match fs::read_dir(&entry) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(PkiError::io(&entry, e)),
+        };
+        for ent in rd.flatten() {
+            if ent.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+                let p = ent.path();
+                let r = if p.is_dir() && !p.is_symlink() {
+                    fs::remove_dir_all(&p)
+                } else {
+                    fs::remove_file(&p)
+                };
+                r.map_err(io(&p))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps `current` and the version before it; removes the rest.
+    fn prune(&self, id: &str) -> Result<()> {
+        let Some(cur) = self.current_version(id)? else {
+            return Ok(());
+        };
+        let prev = self.previous_version(id)?;
+        for v in self.versions(id)? {
+            if v != cur && Some(v) != prev {
+                let p = self.entry_dir(id).join(v.to_string());
+                fs::remove_dir_all(&p).map_err(io(&p))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Removes temporary files an interrupted atomic write left in `dir` (not recursive).
+pub fn cleanup_tmp_files(dir: &Path) -> Result<usize> {
+    let mut n = 0;
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(PkiError::io(dir, e)),
+    };
+    for ent in rd.flatten() {
+        if ent.file_name().to_string_lossy().starts_with(TMP_PREFIX) && !ent.path().is_dir() {
+            fs::remove_file(ent.path()).map_err(io(&ent.path()))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(s: &str) -> SecretPem {
+        SecretPem::new(s.to_string())
+    }
+
+    #[test]
+    fn atomic_write_sets_mode_and_replaces() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("a/b/file.key");
+        write_atomic(&p, b"one", KEY_MODE).unwrap();
+        write_atomic(&p, b"two", KEY_MODE).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert_eq!(fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(d.path().join("a")).unwrap().mode() & 0o777,
+            0o700
+        );
+        assert_eq!(
+            fs::read_dir(p.parent().unwrap()).unwrap().count(),
+            1,
+            "no temp file left"
+        );
+    }
+
+    #[test]
+    fn insecure_key_mode_is_refused_with_path_and_mode() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ca.key");
+        write_atomic(&p, b"k", KEY_MODE).unwrap();
+        assert!(read_key_file(&p).is_ok());
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        let msg = read_key_file(&p).unwrap_err().to_string();
+        assert!(msg.contains("ca.key") && msg.contains("0644"), "{msg}");
+    }
+
+    #[test]
+    fn pairs_are_versioned_linked_and_switched_together() {
+        let d = tempfile::tempdir().unwrap();
+        let s = PairStore::new(d.path());
+        let links = PairLinks {
+            cert: Some("pki/etcd/server.crt".into()),
+            key: Some("pki/etcd/server.key".into()),
+            combined: None,
+        };
+        assert!(s.read_current("etcd-server").unwrap().is_none());
+        assert_eq!(
+            s.write_pair("etcd-server", "C1\n", &key("K1\n"), &links)
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            fs::read_to_string(d.path().join("pki/etcd/server.crt")).unwrap(),
+            "C1\n"
+        );
+        assert_eq!(
+            s.write_pair("etcd-server", "C2\n", &key("K2\n"), &links)
+                .unwrap(),
+            2
+        );
+        assert_eq!(
+            fs::read_to_string(d.path().join("pki/etcd/server.key")).unwrap(),
+            "K2\n"
+        );
+        assert_eq!(s.previous_version("etcd-server").unwrap(), Some(1));
+        s.write_pair("etcd-server", "C3\n", &key("K3\n"), &links)
+            .unwrap();
+        // Only current and previous are kept.
+        assert!(!s.entry_dir("etcd-server").join("1").exists());
+        let cur = s.read_current("etcd-server").unwrap().unwrap();
+        assert_eq!(
+            (cur.cert_pem.as_str(), cur.key_pem.expose()),
+            ("C3\n", "K3\n")
+        );
+        let pem = fs::read_to_string(s.entry_dir("etcd-server").join("3/tls.pem")).unwrap();
+        assert_eq!(pem, "C3\nK3\n");
+        // Roll back.
+        s.point_current("etcd-server", 2).unwrap();
+        assert_eq!(
+            fs::read_to_string(d.path().join("pki/etcd/server.crt")).unwrap(),
+            "C2\n"
+        );
+    }
+
+    #[test]
+    fn leftovers_of_an_interrupted_write_are_cleaned_and_do_not_count() {
+        let d = tempfile::tempdir().unwrap();
+        let s = PairStore::new(d.path());
+        let entry = s.entry_dir("x");
+        ensure_dir(&entry.join(".tmp-stage-1-0")).unwrap();
+        fs::write(entry.join(".tmp-stage-1-0/tls.crt"), "half").unwrap();
+        assert!(s.read_current("x").unwrap().is_none());
+        s.write_pair("x", "C", &key("K"), &PairLinks::default())
+            .unwrap();
+        assert!(!entry.join(".tmp-stage-1-0").exists());
+    }
+}
