@@ -94,6 +94,27 @@ impl PrivateKey {
         Ok(PrivateKey { pair })
     }
 
+    /// Finds the private key block in a PEM bundle (e.g. a `-current.pem` holding cert and key).
+    pub fn from_pem_bundle(text: &str) -> Result<Self> {
+        let blocks = pem::parse_many(text).map_err(|e| PkiError::Parse {
+            what: "private key",
+            reason: e.to_string(),
+        })?;
+        let block = blocks
+            .into_iter()
+            .find(|b| b.tag().ends_with("PRIVATE KEY"))
+            .ok_or(PkiError::Parse {
+                what: "private key",
+                reason: "no PRIVATE KEY block found".into(),
+            })?;
+        let der = Zeroizing::new(block.into_contents());
+        let pair = KeyPair::try_from(der.as_slice()).map_err(|e| PkiError::Parse {
+            what: "private key",
+            reason: e.to_string(),
+        })?;
+        Ok(PrivateKey { pair })
+    }
+
     /// The key as PKCS#8 PEM.
     pub fn to_pem(&self) -> SecretPem {
         SecretPem::new(self.pair.serialize_pem())

@@ -130,6 +130,27 @@ pub fn client_cert_of(kubeconfig: &str, kubeconfig_path: &Path) -> Result<Client
     ))
 }
 
+/// The first user's embedded client key (`client-key-data`), if the kubeconfig embeds one.
+pub fn client_key_data_of(kubeconfig: &str, kubeconfig_path: &Path) -> Result<Option<SecretPem>> {
+    for line in kubeconfig.lines() {
+        if let Some(v) = line.trim_start().strip_prefix("client-key-data:") {
+            let bad = |reason: &str| PkiError::bad_file(kubeconfig_path, reason.to_string());
+            let v = zeroize::Zeroizing::new(
+                scalar(v).ok_or_else(|| bad("unreadable client-key-data"))?,
+            );
+            let bytes = zeroize::Zeroizing::new(
+                base64::engine::general_purpose::STANDARD
+                    .decode(v.trim())
+                    .map_err(|_| bad("client-key-data is not base64"))?,
+            );
+            let text =
+                std::str::from_utf8(&bytes).map_err(|_| bad("client-key-data is not PEM text"))?;
+            return Ok(Some(SecretPem::new(text.to_owned())));
+        }
+    }
+    Ok(None)
+}
+
 fn scalar(v: &str) -> Option<String> {
     let v = v.trim();
     if v.starts_with('"') {

@@ -1,0 +1,343 @@
+//! `meshd certs check`: one row per CA and per certificate of the inventory, in the spirit of
+//! `kubeadm certs check-expiration`, with the chain and key checks kubeadm does not do.
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use pki::inventory::{self, CaId, ClusterSettings, Entry};
+use pki::renewal::{self, RenewalPolicy};
+use serde::Serialize;
+
+use crate::material::{self, Found};
+use crate::settings;
+
+/// One row of the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    /// Inventory name (`ca`, `apiserver`, `admin.conf`...).
+    pub name: String,
+    /// The file holding the certificate.
+    pub path: PathBuf,
+    /// Subject DN.
+    pub subject: Option<String>,
+    /// Issuer DN.
+    pub issuer: Option<String>,
+    /// Start of validity, RFC 3339.
+    pub not_before: Option<String>,
+    /// End of validity, RFC 3339.
+    pub not_after: Option<String>,
+    /// Seconds from now until `not_after` (negative once expired).
+    pub residual_seconds: Option<i64>,
+    /// When meshd will renew it, RFC 3339 (leaves only).
+    pub renew_at: Option<String>,
+    /// Whether this is a CA.
+    pub is_ca: bool,
+    /// The CA that signs it (a CA signs itself).
+    pub ca: String,
+    /// Serial, hex.
+    pub serial: Option<String>,
+    /// Key algorithm.
+    pub key_algorithm: Option<String>,
+    /// `ok`, or the first problem's kind (`missing`, `expired`, `not-yet-valid`, `wrong-ca`, `error`...).
+    pub status: String,
+    /// Every problem found, in words.
+    pub problems: Vec<String>,
+}
+
+impl Row {
+    /// Whether this row makes the check fail.
+    pub fn failed(&self) -> bool {
+        self.status != "ok"
+    }
+}
+
+fn empty_row(name: &str, path: PathBuf, is_ca: bool, ca: &str) -> Row {
+    Row {
+        name: name.into(),
+        path,
+        subject: None,
+        issuer: None,
+        not_before: None,
+        not_after: None,
+        residual_seconds: None,
+        renew_at: None,
+        is_ca,
+        ca: ca.into(),
+        serial: None,
+        key_algorithm: None,
+        status: "ok".into(),
+        problems: vec![],
+    }
+}
+
+fn status_of(p: &material::Problem) -> &'static str {
+    use material::Problem::*;
+    match p {
+        Expired => "expired",
+        NotYetValid => "not-yet-valid",
+        WrongCa(_) => "wrong-ca",
+        KeyMismatch => "key-mismatch",
+        BadKey(_) => "bad-key",
+        ProfileDiffers(_) => "ok",
+        NotACa => "not-a-ca",
+    }
+}
+
+fn fill(
+    row: &mut Row,
+    found: Result<Found, pki::PkiError>,
+    ca_der: Option<&[u8]>,
+    expected: Option<&pki::ca::LeafProfile>,
+    now: SystemTime,
+) -> Option<Vec<u8>> {
+    let m = match found {
+        Ok(Found::Present(m)) => m,
+        Ok(Found::Missing { path }) => {
+            row.status = "missing".into();
+            row.problems
+                .push(format!("{} does not exist", path.display()));
+            return None;
+        }
+        Ok(Found::Partial { present, missing }) => {
+            row.status = "missing".into();
+            row.problems.push(format!(
+                "{} exists but {} does not",
+                present.display(),
+                missing.display()
+            ));
+            return None;
+        }
+        Err(e) => {
+            row.status = "error".into();
+            row.problems.push(e.to_string());
+            return None;
+        }
+    };
+    row.path = m.cert_path.clone();
+    let a = match material::assess(&m, ca_der, expected, now) {
+        Ok(a) => a,
+        Err(e) => {
+            row.status = "error".into();
+            row.problems.push(e.to_string());
+            return None;
+        }
+    };
+    row.subject = Some(a.info.subject.clone());
+    row.issuer = Some(a.info.issuer.clone());
+    row.not_before = Some(pki::time::rfc3339(a.info.not_before));
+    row.not_after = Some(pki::time::rfc3339(a.info.not_after));
+    row.residual_seconds = Some(pki::time::seconds_until(a.info.not_after, now));
+    row.serial = Some(a.info.serial.clone());
+    row.key_algorithm = Some(a.info.key.algorithm.clone());
+    if !row.is_ca {
+        let plan = renewal::plan_renewal(
+            a.info.not_before,
+            a.info.not_after,
+            now,
+            &RenewalPolicy::default(),
+            renewal::jitter_from_serial(&a.info.serial),
+        );
+        row.renew_at = Some(pki::time::rfc3339(plan.renew_at));
+    }
+    for p in &a.problems {
+        if p.is_failure() && row.status == "ok" {
+            row.status = status_of(p).into();
+        }
+        row.problems.push(p.to_string());
+    }
+    Some(a.der)
+}
+
+/// Checks every CA and certificate of the data directory at time `now`.
+pub fn check(data_dir: &Path, now: SystemTime) -> anyhow::Result<Vec<Row>> {
+    let s = settings::load(data_dir)?;
+    let have_settings = s.is_some();
+    let s = s.unwrap_or_else(placeholder_settings);
+    let mut rows = Vec::new();
+    let mut ca_ders: Vec<(CaId, Option<Vec<u8>>)> = Vec::new();
+    for id in CaId::ALL {
+        let mut row = empty_row(
+            id.name(),
+            data_dir.join(id.links().cert.unwrap_or_default()),
+            true,
+            id.name(),
+        );
+        let der = fill(&mut row, material::read_ca(data_dir, id), None, None, now);
+        ca_ders.push((id, der));
+        rows.push(row);
+    }
+    let entries: Vec<Entry> = inventory::control_plane_entries(&s)?;
+    for e in &entries {
+        let ca_der = ca_ders
+            .iter()
+            .find(|(id, _)| *id == e.signer)
+            .and_then(|(_, d)| d.as_deref());
+        let mut row = empty_row(e.id, data_dir.join(main_file(e)), false, e.signer.name());
+        let expected = have_settings.then_some(&e.profile);
+        match ca_der {
+            Some(ca) => {
+                fill(
+                    &mut row,
+                    material::read_entry(data_dir, e),
+                    Some(ca),
+                    expected,
+                    now,
+                );
+            }
+            None => {
+                fill(
+                    &mut row,
+                    material::read_entry(data_dir, e),
+                    None,
+                    expected,
+                    now,
+                );
+                // Without its CA the chain cannot be checked: that is a failure, not a pass.
+                row.problems.retain(|p| !p.contains("not a CA"));
+                row.problems.push(format!(
+                    "cannot verify the chain: CA {} is unusable",
+                    e.signer.name()
+                ));
+                row.status = "wrong-ca".into();
+            }
+        }
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+fn main_file(e: &Entry) -> PathBuf {
+    match &e.output {
+        inventory::Output::Pair(l) => l.cert.clone().or(l.combined.clone()).unwrap_or_default(),
+        inventory::Output::Kubeconfig { file, .. } => file.clone(),
+    }
+}
+
+fn placeholder_settings() -> ClusterSettings {
+    ClusterSettings {
+        cluster_name: "kubernetes".into(),
+        node_name: "node".into(),
+        advertise_address: std::net::IpAddr::from([127, 0, 0, 1]),
+        apiserver_port: 6443,
+        service_cidr: ipnet::IpNet::from(
+            ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(10, 96, 0, 0), 12).unwrap_or_default(),
+        ),
+        cluster_cidr: ipnet::IpNet::from(
+            ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(10, 244, 0, 0), 16).unwrap_or_default(),
+        ),
+        cluster_domain: "cluster.local".into(),
+        apiserver_cert_sans: vec![],
+        etcd_peer_addresses: vec![],
+        api_port: 7443,
+        key_algorithm: pki::keys::KeyAlgorithm::EcdsaP256,
+        leaf_lifetime_secs: inventory::DEFAULT_LEAF_LIFETIME.as_secs(),
+        ca_lifetime_secs: pki::ca::DEFAULT_CA_LIFETIME.as_secs(),
+    }
+}
+
+/// Renders the rows as two tables (certificates, then CAs), like kubeadm.
+pub fn render_table(rows: &[Row], data_dir: &Path) -> String {
+    let rel = |p: &Path| p.strip_prefix(data_dir).unwrap_or(p).display().to_string();
+    let expires = |r: &Row| {
+        r.not_after
+            .as_deref()
+            .map(|s| s.replace('T', " ").replace('Z', " UTC"))
+            .unwrap_or_else(|| "-".into())
+    };
+    let residual = |r: &Row| {
+        r.residual_seconds
+            .map(|s| {
+                if s < 0 {
+                    "expired".to_string()
+                } else {
+                    pki::time::human_duration(s)
+                }
+            })
+            .unwrap_or_else(|| "-".into())
+    };
+    let status = |r: &Row| {
+        if r.problems.is_empty() || !r.failed() {
+            r.status.clone()
+        } else {
+            format!("{}: {}", r.status, r.problems.join("; "))
+        }
+    };
+    let mut out = String::new();
+    let leaves: Vec<Vec<String>> = rows
+        .iter()
+        .filter(|r| !r.is_ca)
+        .map(|r| {
+            vec![
+                r.name.clone(),
+                rel(&r.path),
+                expires(r),
+                residual(r),
+                r.ca.clone(),
+                status(r),
+            ]
+        })
+        .collect();
+    table(
+        &mut out,
+        &[
+            "CERTIFICATE",
+            "FILE",
+            "EXPIRES",
+            "RESIDUAL TIME",
+            "CERTIFICATE AUTHORITY",
+            "STATUS",
+        ],
+        &leaves,
+    );
+    out.push('\n');
+    let cas: Vec<Vec<String>> = rows
+        .iter()
+        .filter(|r| r.is_ca)
+        .map(|r| {
+            vec![
+                r.name.clone(),
+                rel(&r.path),
+                expires(r),
+                residual(r),
+                status(r),
+            ]
+        })
+        .collect();
+    table(
+        &mut out,
+        &[
+            "CERTIFICATE AUTHORITY",
+            "FILE",
+            "EXPIRES",
+            "RESIDUAL TIME",
+            "STATUS",
+        ],
+        &cas,
+    );
+    out
+}
+
+fn table(out: &mut String, head: &[&str], rows: &[Vec<String>]) {
+    let n = head.len();
+    let mut w: Vec<usize> = head.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate().take(n - 1) {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 < n {
+                s.push_str(&format!("{c:<width$}   ", width = w[i]));
+            } else {
+                s.push_str(c);
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    out.push_str(&line(head.to_vec()));
+    for r in rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+}
