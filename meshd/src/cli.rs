@@ -42,7 +42,7 @@ pub enum OutputFormat {
 pub enum Command {
     /// Create (or complete) the control-plane certificate inventory, kubeconfigs and service-account
     /// keys. Safe to run again: keeps every CA and valid certificate, creates only what is missing.
-    Init(InitArgs),
+    Init(Box<InitArgs>),
     /// Certificate commands.
     #[command(subcommand)]
     Certs(CertsCommand),

@@ -171,7 +171,7 @@ fn load_or_create_ca(
         ),
         Found::Present(m) => {
             let a = material::assess(&m, None, None, now)?;
-            for p in &a.problems {
+            if let Some(p) = a.problems.first() {
                 match p {
                     Problem::Expired => bail!(
                         "{}: the {} CA expired on {}; meshd does not replace a CA silently (CA rotation is an explicit operation)",
@@ -218,7 +218,7 @@ fn ensure_entry(
         Found::Present(m) => {
             let a = material::assess(&m, Some(ca.cert_der()), Some(&entry.profile), now)?;
             let mut reason = None;
-            for p in &a.problems {
+            if let Some(p) = a.problems.first() {
                 match p {
                     Problem::Expired | Problem::NotYetValid | Problem::ProfileDiffers(_) => {
                         reason = Some(p.to_string());
