@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs the Debian packages meshd's tests and demo use (run as root). Idempotent: installs only
+# what is missing. Used by deploy/test.sh and .ci/run.
+#   openssl                 independent verification of every certificate
+#   etcd-server etcd-client a real etcd with mTLS, started by the tests
+#   kubernetes-client       kubectl (skipped when a kubectl is already installed)
+set -euo pipefail
+need=()
+command -v openssl >/dev/null || need+=(openssl)
+command -v etcd >/dev/null || need+=(etcd-server)
+command -v etcdctl >/dev/null || need+=(etcd-client)
+command -v kubectl >/dev/null || need+=(kubernetes-client)
+if [ "${MESHD_BENCH_DEPS:-0}" = 1 ]; then
+  command -v cfssl >/dev/null || need+=(golang-cfssl)
+fi
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "missing packages: ${need[*]}; run as root (or: sudo apt-get install ${need[*]})" >&2
+    exit 1
+  fi
+  echo "installing: ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
