@@ -50,7 +50,7 @@ calc() {
   shift
   local args=()
   for kv in "$@"; do args+=(-v "$kv"); done
-  awk "${args[@]}" "BEGIN { printf \"%s\", $expr }"
+  awk "${args[@]}" "BEGIN { printf \"%s\", ($expr) }"
 }
 
 log() { echo "== $*" >&2; }
@@ -172,13 +172,17 @@ cf_spawn_ms="$(ms_per "$t0" "$t1" "$N_CFSSL")"
 # ---------------------------------------------------------------- 4. openssl speed
 speed_sign="n/a"
 speed_verify="n/a"
+speed_label="skipped (SPEED_SECONDS=0)"
 if [[ "$SPEED_SECONDS" != 0 ]]; then
+  speed_label="taskset -c 0, ${SPEED_SECONDS}s"
   log "openssl speed -seconds $SPEED_SECONDS ecdsap256 (one core)"
   pin=()
   command -v taskset >/dev/null 2>&1 && pin=(taskset -c 0)
   if "${pin[@]}" openssl speed -seconds "$SPEED_SECONDS" ecdsap256 >speed.txt 2>/dev/null; then
     read -r speed_sign speed_verify < <(awk '/ecdsa \(nistp256\)/ { print $(NF-1), $NF }' speed.txt) ||
       true
+    [[ -n "${speed_sign:-}" ]] && speed_sign="$(calc 'sprintf("%.0f", x)' "x=$speed_sign")"
+    [[ -n "${speed_verify:-}" ]] && speed_verify="$(calc 'sprintf("%.0f", x)' "x=$speed_verify")"
     speed_sign="${speed_sign:-n/a}"
     speed_verify="${speed_verify:-n/a}"
   else
@@ -232,5 +236,5 @@ cat <<EOF
 | raw ECDSA P-256, one core | sign/s | verify/s |
 |---|---|---|
 | ring (in the bench) | $ring_sign_per_s | $ring_verify_per_s |
-| openssl speed ecdsap256 (taskset -c 0, ${SPEED_SECONDS}s) | $speed_sign | $speed_verify |
+| openssl speed ecdsap256 ($speed_label) | $speed_sign | $speed_verify |
 EOF
