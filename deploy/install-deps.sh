@@ -5,7 +5,6 @@
 #   etcd-server etcd-client a real etcd with mTLS, started by the tests
 #   kubernetes-client       kubectl (skipped when a kubectl is already installed)
 #   protobuf-compiler       protoc, which etcd-client's build script needs to compile etcd's protos
-#   protobuf-compiler       protoc, which the etcd-client crate's build script needs (tests' dev-dependency)
 set -euo pipefail
 need=()
 command -v openssl >/dev/null || need+=(openssl)
@@ -13,7 +12,6 @@ command -v protoc >/dev/null || need+=(protobuf-compiler)
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v etcdctl >/dev/null || need+=(etcd-client)
 command -v kubectl >/dev/null || need+=(kubernetes-client)
-command -v protoc >/dev/null || need+=(protobuf-compiler)
 if [ "${MESHD_BENCH_DEPS:-0}" = 1 ]; then
   command -v cfssl >/dev/null || need+=(golang-cfssl)
 fi

@@ -55,6 +55,8 @@ calc() {
 
 log() { echo "== $*" >&2; }
 
+load_start="$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo '?')"
+
 # ---------------------------------------------------------------- 1. meshd (criterion)
 TARGET_DIR="${CARGO_TARGET_DIR:-}"
 if [[ -z "$TARGET_DIR" ]]; then
@@ -131,7 +133,11 @@ openssl_loop() {
 }
 
 log "openssl CLI x $N_OPENSSL (default trust store)"
-os_ms="$(openssl_loop os)"
+# The default trust store: the caller's SSL_CERT_FILE/SSL_CERT_DIR (often exported) are dropped.
+os_ms="$(
+  unset SSL_CERT_FILE SSL_CERT_DIR
+  openssl_loop os
+)"
 log "openssl CLI x $N_OPENSSL (SSL_CERT_FILE=CA)"
 os_ca_ms="$(SSL_CERT_FILE="$TMP/ca.crt" SSL_CERT_DIR="$TMP/no-such-dir" openssl_loop osn)"
 t0=$(now)
@@ -206,7 +212,7 @@ ring_verify_per_s="$(calc 'sprintf("%.0f", 1e9 / x)' "x=$ring_verify_ns")"
 
 cat <<EOF
 
-## PKI issuance, same run: $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) vCPU, $(openssl version | awk '{print $1, $2}'), $(cfssl version 2>/dev/null | awk '/^Version/ {print "cfssl " $2}')
+## PKI issuance, same run: $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) vCPU, load average at start $load_start, $(openssl version | awk '{print $1, $2}'), $(cfssl version 2>/dev/null | awk '/^Version/ {print "cfssl " $2}')
 
 | what | per certificate |
 |---|---|

@@ -46,6 +46,122 @@ pub enum Command {
     /// Certificate commands.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Run the daemon. On the control plane: serve the meshd API (joins, renewals, tokens).
+    Run(RunArgs),
+    /// Bootstrap tokens for `meshd join` (talks to the local `meshd run` with the admin certificate).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Join this machine to a cluster: checks the control plane against --ca-hash before it sends
+    /// anything, makes every private key here, and writes the certificates it gets back.
+    Join(Box<JoinArgs>),
+    /// Registered nodes.
+    #[command(subcommand)]
+    Node(NodeCommand),
+}
+
+/// `meshd run` options.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    /// Data directory.
+    pub dir: DataDir,
+    /// Listen on this address instead of the advertise address and API port.
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+/// `meshd token ...`
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token and print the `meshd join` command that uses it.
+    Create {
+        #[command(flatten)]
+        /// Data directory.
+        dir: DataDir,
+        /// Lifetime (e.g. 24h, 30m).
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+        /// How many nodes it may admit (default: 1).
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Free text shown by `token list`.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
+    /// List tokens (never their secrets).
+    List {
+        #[command(flatten)]
+        /// Data directory.
+        dir: DataDir,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
+    /// Revoke a token by its id (the part before the dot).
+    Revoke {
+        #[command(flatten)]
+        /// Data directory.
+        dir: DataDir,
+        /// Token id.
+        id: String,
+    },
+}
+
+/// `meshd node ...`
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// List registered nodes.
+    List {
+        #[command(flatten)]
+        /// Data directory.
+        dir: DataDir,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
+    /// Deregister a node and release its subnet.
+    Remove {
+        #[command(flatten)]
+        /// Data directory.
+        dir: DataDir,
+        /// Node name.
+        name: String,
+    },
+}
+
+/// `meshd join` options.
+#[derive(Debug, Args)]
+pub struct JoinArgs {
+    #[command(flatten)]
+    /// Data directory of this node.
+    pub dir: DataDir,
+    /// The control plane's meshd API (HOST:PORT).
+    #[arg(long)]
+    pub server: String,
+    /// The bootstrap token (`meshd token create` prints it).
+    #[arg(long, env = "MESHD_JOIN_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// sha256:<hex> of the cluster CA's public key (`meshd token create` prints it).
+    #[arg(long)]
+    pub ca_hash: String,
+    /// This node's name.
+    #[arg(long)]
+    pub node_name: String,
+    /// This node's address.
+    #[arg(long)]
+    pub advertise_address: IpAddr,
+    /// WireGuard UDP port.
+    #[arg(long, default_value_t = 51820)]
+    pub wireguard_port: u16,
+    /// WireGuard endpoint other nodes send to, when it differs from the advertise address (NAT).
+    #[arg(long)]
+    pub endpoint: Option<std::net::SocketAddr>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
 }
 
 /// `meshd certs ...`
@@ -109,6 +225,13 @@ pub struct InitArgs {
     /// Key type of new keys: ecdsa-p256 (default) or ecdsa-p384.
     #[arg(long, default_value = "ecdsa-p256")]
     pub key_type: String,
+    /// Where the cluster state lives: a file in the data directory, or etcd.
+    #[arg(long, value_enum, default_value_t = crate::settings::StoreKind::Embedded)]
+    pub store: crate::settings::StoreKind,
+    /// etcd endpoints (https://HOST:PORT, comma-separated) for `--store etcd`; meshd authenticates
+    /// with `pki/etcd/meshd-client.crt`.
+    #[arg(long, value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
     /// Output format of the report.
     #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
@@ -142,7 +265,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Init(args) => {
             let s = args.settings()?;
-            let report = crate::init::init(&args.dir.data_dir, &s, SystemTime::now())?;
+            let store = crate::settings::StoreConfig {
+                kind: args.store,
+                etcd_endpoints: args.etcd_endpoints.clone(),
+                prefix: overlay::DEFAULT_PREFIX.to_string(),
+            };
+            let report = crate::init::init(&args.dir.data_dir, &s, &store, SystemTime::now())?;
             match args.output {
                 OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
                 OutputFormat::Table => print!("{}", render_init(&report)),
@@ -165,7 +293,108 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         }
+        other => run_async(other),
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
+    use hyper::Method;
+    let rt = runtime()?;
+    rt.block_on(async move {
+        match cmd {
+            Command::Run(a) => {
+                crate::run::run_control_plane(&a.dir.data_dir, a.listen, crate::run::shutdown_signal()).await?;
+            }
+            Command::Join(a) => {
+                let o = crate::join::JoinOptions {
+                    data_dir: a.dir.data_dir.clone(),
+                    server: a.server.clone(),
+                    token: a.token.clone(),
+                    ca_hash: a.ca_hash.clone(),
+                    node_name: a.node_name.clone(),
+                    advertise_address: a.advertise_address,
+                    wireguard_port: a.wireguard_port,
+                    endpoint: a.endpoint,
+                };
+                let r = crate::join::join(&o).await?;
+                match a.output {
+                    OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&r)?),
+                    OutputFormat::Table => {
+                        println!("joined as node {} with pod subnet {}", r.node_name, r.subnet);
+                        println!("WireGuard public key: {}", r.wireguard_public_key);
+                        for f in &r.files {
+                            println!("wrote {}", f.display());
+                        }
+                    }
+                }
+            }
+            Command::Token(TokenCommand::Create { dir, ttl, uses, description, output }) => {
+                let ttl = pki::time::parse_duration(&ttl).context("--ttl")?;
+                let client = crate::join::node_client(&dir.data_dir)?;
+                let req = crate::api::TokenCreateRequest { ttl_secs: ttl.as_secs(), uses: Some(uses), description };
+                let r: crate::api::TokenCreateResponse = client.call(Method::POST, "/v1/tokens", Some(&req)).await?;
+                let cmd = format!(
+                    "meshd join --server {} --token {} --ca-hash {} --node-name <NAME> --advertise-address <IP> --data-dir /var/lib/meshd",
+                    r.server, r.token, r.ca_hash
+                );
+                match output {
+                    OutputFormat::Json => {
+                        let mut v = serde_json::to_value(&r)?;
+                        v["join_command"] = serde_json::Value::String(cmd);
+                        println!("{}", serde_json::to_string_pretty(&v)?);
+                    }
+                    OutputFormat::Table => {
+                        println!("token:   {}\nexpires: {}\nuses:    {uses}\n\nOn the new node, run:\n  {cmd}", r.token, r.expires);
+                    }
+                }
+            }
+            Command::Token(TokenCommand::List { dir, output }) => {
+                let client = crate::join::node_client(&dir.data_dir)?;
+                let r: Vec<crate::api::TokenInfo> = client.call(Method::GET, "/v1/tokens", None::<&()>).await?;
+                match output {
+                    OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&r)?),
+                    OutputFormat::Table => {
+                        println!("{:<8} {:<22} {:<10} {:<6} DESCRIPTION", "ID", "EXPIRES", "USES LEFT", "USED");
+                        for t in r {
+                            println!("{:<8} {:<22} {:<10} {:<6} {}", t.id, t.expires, t.uses_left.map(|u| u.to_string()).unwrap_or("unlimited".into()), t.used, t.description);
+                        }
+                    }
+                }
+            }
+            Command::Token(TokenCommand::Revoke { dir, id }) => {
+                let client = crate::join::node_client(&dir.data_dir)?;
+                let _: serde_json::Value = client.call(Method::DELETE, &format!("/v1/tokens/{id}"), None::<&()>).await?;
+                println!("token {id} revoked");
+            }
+            Command::Node(NodeCommand::List { dir, output }) => {
+                let client = crate::join::node_client(&dir.data_dir)?;
+                let r: Vec<crate::registry::NodeRecord> = client.call(Method::GET, "/v1/nodes", None::<&()>).await?;
+                match output {
+                    OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&r)?),
+                    OutputFormat::Table => {
+                        println!("{:<20} {:<18} {:<22} WIREGUARD KEY", "NAME", "SUBNET", "ENDPOINT");
+                        for n in r {
+                            println!("{:<20} {:<18} {:<22} {}", n.name, n.subnet.to_string(), n.endpoint.to_string(), n.wireguard_public_key);
+                        }
+                    }
+                }
+            }
+            Command::Node(NodeCommand::Remove { dir, name }) => {
+                let client = crate::join::node_client(&dir.data_dir)?;
+                let _: serde_json::Value = client.call(Method::DELETE, &format!("/v1/nodes/{name}"), None::<&()>).await?;
+                println!("node {name} removed; its subnet is released");
+            }
+            Command::Init(_) | Command::Certs(_) => anyhow::bail!("internal error: not an async command"),
+        }
+        Ok(ExitCode::SUCCESS)
+    })
 }
 
 fn render_init(r: &crate::init::InitReport) -> String {

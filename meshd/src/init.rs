@@ -77,7 +77,12 @@ pub fn lock_data_dir(data_dir: &Path) -> anyhow::Result<DataDirLock> {
 }
 
 /// Runs init for `settings` in `data_dir` at time `now`.
-pub fn init(data_dir: &Path, s: &ClusterSettings, now: SystemTime) -> anyhow::Result<InitReport> {
+pub fn init(
+    data_dir: &Path,
+    s: &ClusterSettings,
+    store_cfg: &settings::StoreConfig,
+    now: SystemTime,
+) -> anyhow::Result<InitReport> {
     if let Err(errs) = s.validate() {
         bail!("invalid settings:\n  - {}", errs.join("\n  - "));
     }
@@ -90,9 +95,32 @@ pub fn init(data_dir: &Path, s: &ClusterSettings, now: SystemTime) -> anyhow::Re
     for d in ["", "pki", "pki/etcd", "pki/meshd", "kubelet/pki"] {
         cleaned_up += store::cleanup_tmp_files(&data_dir.join(d))?;
     }
-    // Refuse a corrupt settings file rather than overwrite it.
-    let _previous = settings::load(&data_dir)?;
-    settings::save(&data_dir, s)?;
+    // Staged versions and half-made links inside the store, also of entries that are kept.
+    cleaned_up += PairStore::new(&data_dir).cleanup_all_tmp()?;
+    // Refuse a corrupt settings file rather than overwrite it, and never turn a joined node into a
+    // control plane.
+    if let Some(prev) = settings::load_config(&data_dir)? {
+        if prev.role == settings::Role::Node {
+            bail!(
+                "{} belongs to a node joined to {}; `meshd init` is for a new control plane (use another --data-dir)",
+                data_dir.display(),
+                prev.joined.map(|j| j.server).unwrap_or_default()
+            );
+        }
+    }
+    if store_cfg.kind == settings::StoreKind::Etcd && store_cfg.etcd_endpoints.is_empty() {
+        bail!("--store etcd needs --etcd-endpoints https://HOST:PORT[,...]");
+    }
+    settings::save_config(
+        &data_dir,
+        &settings::MeshdConfig {
+            version: settings::FORMAT_VERSION,
+            role: settings::Role::ControlPlane,
+            cluster: Some(s.clone()),
+            store: store_cfg.clone(),
+            joined: None,
+        },
+    )?;
 
     let mut items = Vec::new();
     let store = PairStore::new(&data_dir);

@@ -11,8 +11,16 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod certs;
 pub mod cli;
 pub mod init;
+pub mod join;
+pub mod leases;
 pub mod material;
+pub mod registry;
+pub mod run;
 pub mod settings;
+pub mod store;
+pub mod tls;
+pub mod tokens;

@@ -1,7 +1,11 @@
-//! The cluster settings `meshd init` records in `<data-dir>/meshd.json`, in a versioned format.
+//! What `meshd init` or `meshd join` records in `<data-dir>/meshd.json`, in a versioned format: the
+//! node's role, the cluster settings (control plane), the store (control plane), and what a joined
+//! node got (its name, server, subnet, network).
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+use ipnet::Ipv4Net;
 use pki::inventory::ClusterSettings;
 use serde::{Deserialize, Serialize};
 
@@ -10,10 +14,83 @@ pub const SETTINGS_FILE: &str = "meshd.json";
 /// Current format version.
 pub const FORMAT_VERSION: u32 = 1;
 
-#[derive(Serialize, Deserialize)]
-struct OnDisk {
-    version: u32,
-    cluster: ClusterSettings,
+/// The node's role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Holds the CAs and serves the meshd API (`meshd init`).
+    #[default]
+    ControlPlane,
+    /// Joined through the API (`meshd join`).
+    Node,
+}
+
+/// Which store holds the cluster state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum StoreKind {
+    /// A single-file database in the data directory (`state.redb`).
+    #[default]
+    Embedded,
+    /// etcd over mTLS with meshd's etcd client certificate.
+    Etcd,
+}
+
+/// The store configuration of a control-plane node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct StoreConfig {
+    /// Backend.
+    pub kind: StoreKind,
+    /// etcd endpoints (`https://host:port`).
+    #[serde(default)]
+    pub etcd_endpoints: Vec<String>,
+    /// Key prefix of the flannel-compatible network state.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+}
+
+fn default_prefix() -> String {
+    overlay::DEFAULT_PREFIX.to_string()
+}
+
+/// What a joined node was given.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinedNode {
+    /// Its name.
+    pub name: String,
+    /// The meshd API it joined (`host:port`).
+    pub server: String,
+    /// Its addresses.
+    pub addresses: Vec<IpAddr>,
+    /// Its WireGuard endpoint.
+    pub endpoint: SocketAddr,
+    /// Its pod subnet.
+    pub subnet: Ipv4Net,
+    /// The network configuration.
+    pub network: overlay::NetworkConfig,
+    /// The API server URL.
+    pub apiserver_url: String,
+    /// The cluster name.
+    pub cluster_name: String,
+}
+
+/// Everything in `meshd.json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshdConfig {
+    /// Format version.
+    pub version: u32,
+    /// Role.
+    #[serde(default)]
+    pub role: Role,
+    /// Cluster settings (control plane).
+    #[serde(default)]
+    pub cluster: Option<ClusterSettings>,
+    /// Store (control plane).
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// What a joined node got.
+    #[serde(default)]
+    pub joined: Option<JoinedNode>,
 }
 
 /// Errors reading or writing the settings.
@@ -38,6 +115,9 @@ pub enum SettingsError {
         /// Its version.
         found: u32,
     },
+    /// The data directory has no settings.
+    #[error("{0}: no meshd.json: run `meshd init` (control plane) or `meshd join` (node) first")]
+    Missing(PathBuf),
 }
 
 /// Path of the settings file in `data_dir`.
@@ -45,8 +125,8 @@ pub fn path(data_dir: &Path) -> PathBuf {
     data_dir.join(SETTINGS_FILE)
 }
 
-/// Reads the settings; `Ok(None)` when the data directory has none yet.
-pub fn load(data_dir: &Path) -> Result<Option<ClusterSettings>, SettingsError> {
+/// Reads `meshd.json`; `Ok(None)` when the data directory has none yet.
+pub fn load_config(data_dir: &Path) -> Result<Option<MeshdConfig>, SettingsError> {
     let p = path(data_dir);
     if !p.exists() {
         return Ok(None);
@@ -60,20 +140,26 @@ pub fn load(data_dir: &Path) -> Result<Option<ClusterSettings>, SettingsError> {
     if found > FORMAT_VERSION {
         return Err(SettingsError::TooNew { path: p, found });
     }
-    let d: OnDisk = serde_json::from_value(v).map_err(|e| SettingsError::Corrupt {
+    let c: MeshdConfig = serde_json::from_value(v).map_err(|e| SettingsError::Corrupt {
         path: p.clone(),
         reason: e.to_string(),
     })?;
-    Ok(Some(d.cluster))
+    Ok(Some(c))
 }
 
-/// Writes the settings atomically.
-pub fn save(data_dir: &Path, s: &ClusterSettings) -> Result<(), SettingsError> {
-    let d = OnDisk {
-        version: FORMAT_VERSION,
-        cluster: s.clone(),
-    };
-    let mut text = serde_json::to_string_pretty(&d).map_err(|e| SettingsError::Corrupt {
+/// Reads `meshd.json`, which must exist.
+pub fn require_config(data_dir: &Path) -> Result<MeshdConfig, SettingsError> {
+    load_config(data_dir)?.ok_or_else(|| SettingsError::Missing(data_dir.to_path_buf()))
+}
+
+/// The control-plane cluster settings, if this is a control-plane data directory.
+pub fn load(data_dir: &Path) -> Result<Option<ClusterSettings>, SettingsError> {
+    Ok(load_config(data_dir)?.and_then(|c| c.cluster))
+}
+
+/// Writes `meshd.json` atomically.
+pub fn save_config(data_dir: &Path, c: &MeshdConfig) -> Result<(), SettingsError> {
+    let mut text = serde_json::to_string_pretty(c).map_err(|e| SettingsError::Corrupt {
         path: path(data_dir),
         reason: e.to_string(),
     })?;

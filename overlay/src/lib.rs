@@ -105,7 +105,10 @@ impl NetworkConfig {
                 self.network.prefix_len()
             ));
         }
-        for (name, a) in [("SubnetMin", self.subnet_min), ("SubnetMax", self.subnet_max)] {
+        for (name, a) in [
+            ("SubnetMin", self.subnet_min),
+            ("SubnetMax", self.subnet_max),
+        ] {
             if !self.network.contains(&a) {
                 return err(format!("{name} {a} is outside {}", self.network));
             }
@@ -146,6 +149,70 @@ impl NetworkConfig {
     }
 }
 
+/// No free subnet is left.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no free subnet left: all {capacity} /{subnet_len} subnets of {network} are leased (widen the cluster CIDR or remove nodes)")]
+pub struct Exhausted {
+    /// The network.
+    pub network: Ipv4Net,
+    /// Prefix length of node subnets.
+    pub subnet_len: u8,
+    /// How many subnets exist.
+    pub capacity: u32,
+}
+
+impl NetworkConfig {
+    /// Whether `s` is a subnet this config may lease (right length, aligned, within min..=max).
+    pub fn is_leasable(&self, s: Ipv4Net) -> bool {
+        s.prefix_len() == self.subnet_len
+            && s.addr() == s.network()
+            && u32::from(s.network()) >= u32::from(self.subnet_min)
+            && u32::from(s.network()) <= u32::from(self.subnet_max)
+    }
+
+    /// Chooses a subnet that is not `taken`: `preferred` when it is leasable and free (a node
+    /// returning to the subnet in its subnet.env), otherwise the `seed`-th free one (callers pass a
+    /// random seed so that concurrent allocators rarely collide). Pure.
+    pub fn choose_subnet(
+        &self,
+        taken: &std::collections::BTreeSet<Ipv4Net>,
+        preferred: Option<Ipv4Net>,
+        seed: u64,
+    ) -> Result<Ipv4Net, Exhausted> {
+        if let Some(p) = preferred {
+            if self.is_leasable(p) && !taken.contains(&p) {
+                return Ok(p);
+            }
+        }
+        let cap = self.capacity();
+        let used = taken.iter().filter(|t| self.is_leasable(**t)).count() as u32;
+        let free = cap.saturating_sub(used);
+        if free == 0 {
+            return Err(Exhausted {
+                network: self.network,
+                subnet_len: self.subnet_len,
+                capacity: cap,
+            });
+        }
+        let mut k = (seed % u64::from(free)) as u32;
+        for i in 0..cap {
+            if let Some(s) = self.nth_subnet(i) {
+                if !taken.contains(&s) {
+                    if k == 0 {
+                        return Ok(s);
+                    }
+                    k -= 1;
+                }
+            }
+        }
+        Err(Exhausted {
+            network: self.network,
+            subnet_len: self.subnet_len,
+            capacity: cap,
+        })
+    }
+}
+
 /// The lease key of `subnet` under `prefix`: `<prefix>/subnets/10.244.5.0-24`.
 pub fn lease_key(prefix: &str, subnet: Ipv4Net) -> String {
     format!(
@@ -158,7 +225,9 @@ pub fn lease_key(prefix: &str, subnet: Ipv4Net) -> String {
 
 /// Parses a lease key back into its subnet.
 pub fn parse_lease_key(prefix: &str, key: &str) -> Option<Ipv4Net> {
-    let rest = key.strip_prefix(prefix.trim_end_matches('/'))?.strip_prefix("/subnets/")?;
+    let rest = key
+        .strip_prefix(prefix.trim_end_matches('/'))?
+        .strip_prefix("/subnets/")?;
     let (ip, len) = rest.split_once('-')?;
     let net = Ipv4Net::new(ip.parse().ok()?, len.parse().ok()?).ok()?;
     (net.network() == net.addr()).then_some(net)
@@ -211,11 +280,62 @@ mod tests {
         let k = lease_key(DEFAULT_PREFIX, n);
         assert_eq!(k, "/coreos.com/network/subnets/10.244.5.0-24");
         assert_eq!(parse_lease_key(DEFAULT_PREFIX, &k), Some(n));
-        assert_eq!(parse_lease_key(DEFAULT_PREFIX, "/coreos.com/network/subnets/10.244.5.7-24"), None);
-        assert_eq!(parse_lease_key(DEFAULT_PREFIX, "/other/subnets/10.244.5.0-24"), None);
+        assert_eq!(
+            parse_lease_key(DEFAULT_PREFIX, "/coreos.com/network/subnets/10.244.5.7-24"),
+            None
+        );
+        assert_eq!(
+            parse_lease_key(DEFAULT_PREFIX, "/other/subnets/10.244.5.0-24"),
+            None
+        );
         assert_eq!(
             subnet_env("10.244.0.0/16".parse().unwrap(), n, 1420, true),
             "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.5.1/24\nFLANNEL_MTU=1420\nFLANNEL_IPMASQ=true\n"
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn allocation_never_overlaps_stays_in_bounds_and_reports_exhaustion(
+            prefix in 16u8..=26,
+            seeds in proptest::collection::vec(proptest::prelude::any::<u64>(), 1..300),
+            prefer in proptest::option::of(0u32..400),
+        ) {
+            let net: Ipv4Net = format!("10.244.0.0/{prefix}").parse().unwrap();
+            let cfg = NetworkConfig::with_defaults(net, wg()).unwrap();
+            let mut taken = std::collections::BTreeSet::new();
+            for (i, seed) in seeds.iter().enumerate() {
+                let preferred = prefer.and_then(|p| cfg.nth_subnet(p));
+                match cfg.choose_subnet(&taken, preferred, *seed) {
+                    Ok(s) => {
+                        proptest::prop_assert!(cfg.is_leasable(s), "{s} not leasable");
+                        proptest::prop_assert!(cfg.network.contains(&s.network()));
+                        proptest::prop_assert!(u32::from(s.network()) >= u32::from(cfg.subnet_min));
+                        proptest::prop_assert!(!taken.iter().any(|t: &Ipv4Net| t.contains(&s.network()) || s.contains(&t.network())), "{s} overlaps");
+                        taken.insert(s);
+                    }
+                    Err(e) => {
+                        proptest::prop_assert_eq!(taken.len() as u32, cfg.capacity(), "exhausted early at {}", i);
+                        proptest::prop_assert!(e.to_string().contains("no free subnet"));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn preferred_subnet_is_taken_back_only_when_free() {
+        let cfg = NetworkConfig::with_defaults("10.244.0.0/16".parse().unwrap(), wg()).unwrap();
+        let p: Ipv4Net = "10.244.7.0/24".parse().unwrap();
+        let mut taken = std::collections::BTreeSet::new();
+        assert_eq!(cfg.choose_subnet(&taken, Some(p), 3).unwrap(), p);
+        taken.insert(p);
+        assert_ne!(cfg.choose_subnet(&taken, Some(p), 3).unwrap(), p);
+        // A preferred subnet outside the leasable range is ignored.
+        let outside: Ipv4Net = "10.244.0.0/24".parse().unwrap();
+        assert_ne!(
+            cfg.choose_subnet(&taken, Some(outside), 0).unwrap(),
+            outside
         );
     }
 

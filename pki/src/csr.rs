@@ -89,9 +89,18 @@ pub fn parse_csr_der(der: &[u8], limits: &CsrLimits) -> Result<Csr> {
     if !rest.is_empty() {
         return Err(bad("trailing bytes after the request"));
     }
+    let info = &req.certification_request_info;
+    // A weak RSA key is named as such: ring cannot verify signatures of RSA keys under 2048 bits, so
+    // without this check the refusal would blame the signature ("altered") instead of the key.
+    let key = crate::inspect::key_info(&info.subject_pki);
+    if key.algorithm == "rsa" && key.bits < 2048 {
+        return Err(PkiError::PolicyViolation {
+            field: "public key",
+            reason: format!("RSA key of {} bits; at least 2048 are required", key.bits),
+        });
+    }
     req.verify_signature()
         .map_err(|e| bad(format!("self-signature does not verify ({e}): the request was altered or its algorithm is not supported")))?;
-    let info = &req.certification_request_info;
     let common_name = match info.subject.iter_common_name().count() {
         0 => None,
         1 => info
@@ -168,7 +177,7 @@ pub fn parse_csr_der(der: &[u8], limits: &CsrLimits) -> Result<Csr> {
         dns_names,
         ip_addresses,
         spki_der: spki.raw.to_vec(),
-        key: crate::inspect::key_info(spki),
+        key,
     })
 }
 

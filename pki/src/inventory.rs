@@ -335,6 +335,33 @@ pub fn kubelet_entries(node_name: &str, addresses: &[IpAddr]) -> Vec<Entry> {
     ]
 }
 
+/// meshd's own identity for node `node_name`: the client certificate it calls the meshd API with.
+pub fn node_identity_entry(node_name: &str) -> Entry {
+    Entry {
+        id: "meshd-node",
+        signer: CaId::Cluster,
+        profile: LeafProfile {
+            common_name: format!("system:node:{node_name}"),
+            organizations: vec!["system:nodes".into()],
+            dns_names: vec![],
+            ip_addresses: vec![],
+            usage: Usage::Client,
+        },
+        output: Output::Pair(PairLinks {
+            cert: Some("pki/meshd/node.crt".into()),
+            key: Some("pki/meshd/node.key".into()),
+            combined: Some("pki/meshd/node-current.pem".into()),
+        }),
+    }
+}
+
+/// Every leaf a joined (worker) node holds: kubelet client and serving, kube-proxy, meshd identity.
+pub fn node_entries(node_name: &str, addresses: &[IpAddr]) -> Vec<Entry> {
+    let mut v = kubelet_entries(node_name, addresses);
+    v.push(node_identity_entry(node_name));
+    v
+}
+
 /// Every leaf a control-plane node needs, in kubeadm's layout plus meshd's own.
 pub fn control_plane_entries(s: &ClusterSettings) -> Result<Vec<Entry>> {
     let node = s.node_name.clone();
@@ -479,6 +506,12 @@ pub fn control_plane_entries(s: &ClusterSettings) -> Result<Vec<Entry>> {
                 usage: Usage::Server,
             },
             output: pair("pki/meshd/api-server.crt", "pki/meshd/api-server.key"),
+        },
+        Entry {
+            id: "meshd-admin",
+            signer: CaId::Cluster,
+            profile: client("meshd-admin", &["meshd:admins"]),
+            output: pair("pki/meshd/admin-client.crt", "pki/meshd/admin-client.key"),
         },
         Entry {
             id: "meshd-etcd-client",

@@ -357,14 +357,15 @@ impl PairStore {
         sync_dir(dir)
     }
 
-    /// Removes leftovers of an interrupted write of `id`.
-    pub fn cleanup_tmp(&self, id: &str) -> Result<()> {
+    /// Removes leftovers of an interrupted write of `id`; returns how many were removed.
+    pub fn cleanup_tmp(&self, id: &str) -> Result<usize> {
         let entry = self.entry_dir(id);
         let rd = match fs::read_dir(&entry) {
             Ok(rd) => rd,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
             Err(e) => return Err(PkiError::io(&entry, e)),
         };
+        let mut n = 0;
         for ent in rd.flatten() {
             if ent.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
                 let p = ent.path();
@@ -374,9 +375,32 @@ impl PairStore {
                     fs::remove_file(&p)
                 };
                 r.map_err(io(&p))?;
+                n += 1;
             }
         }
-        Ok(())
+        Ok(n)
+    }
+
+    /// Removes leftovers of interrupted writes of every entry of the store, including entries that
+    /// will not be written again (a kept pair); returns how many were removed. Callers hold the data
+    /// directory's lock, so no write is in progress.
+    pub fn cleanup_all_tmp(&self) -> Result<usize> {
+        let root = self.data_dir.join(STORE_DIR);
+        let rd = match fs::read_dir(&root) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(PkiError::io(&root, e)),
+        };
+        let mut n = 0;
+        for ent in rd.flatten() {
+            let is_dir = ent.file_type().map(|t| t.is_dir()).unwrap_or(false);
+            if let (true, Some(id)) = (is_dir, ent.file_name().to_str()) {
+                if !id.starts_with(TMP_PREFIX) {
+                    n += self.cleanup_tmp(id)?;
+                }
+            }
+        }
+        Ok(n)
     }
 
     /// Keeps `current` and the version before it; removes the rest.
@@ -509,5 +533,12 @@ mod tests {
         s.write_pair("x", "C", &key("K"), &PairLinks::default())
             .unwrap();
         assert!(!entry.join(".tmp-stage-1-0").exists());
+        // Leftovers of an entry that is not written again are removed by the store-wide cleanup.
+        ensure_dir(&entry.join(".tmp-stage-2-0")).unwrap();
+        fs::write(entry.join(".tmp-current-2-1"), "").unwrap();
+        assert_eq!(s.cleanup_all_tmp().unwrap(), 2);
+        assert!(!entry.join(".tmp-stage-2-0").exists());
+        assert_eq!(s.read_current("x").unwrap().unwrap().cert_pem, "C");
+        assert_eq!(s.cleanup_all_tmp().unwrap(), 0);
     }
 }

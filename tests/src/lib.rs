@@ -39,7 +39,10 @@ pub fn require_tool(tool: &str, package: &str) {
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
-    assert!(ok, "`{tool}` is not installed: apt-get install {package} (deploy/test.sh does this)");
+    assert!(
+        ok,
+        "`{tool}` is not installed: apt-get install {package} (deploy/test.sh does this)"
+    );
 }
 
 /// Runs a command and returns its output (never panics on a non-zero exit).

@@ -1,0 +1,833 @@
+//! The API server: TLS accept, identity from the client certificate, routing, and the handlers.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use pki::ca::{CertificateAuthority, Usage};
+use pki::csr::{self, CsrLimits, SigningPolicy};
+use pki::inventory::ClusterSettings;
+use rustls::ServerConfig;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::*;
+use crate::leases::{self, BackendData, LeaseAttrs, MeshdLease};
+use crate::registry::{self, NodeRecord};
+use crate::store::Store;
+use crate::tokens::{self, Token, TokenRecord};
+
+/// Everything the handlers need.
+pub struct ApiState {
+    /// The cluster state.
+    pub store: Arc<dyn Store>,
+    /// The cluster CA, which signs node certificates.
+    pub ca: CertificateAuthority,
+    /// Cluster settings.
+    pub settings: ClusterSettings,
+    /// The overlay network configuration.
+    pub network: overlay::NetworkConfig,
+    /// The flannel prefix in the store.
+    pub prefix: String,
+    /// The address nodes join (`host:port`), for token output.
+    pub server_addr: String,
+    /// CSR limits.
+    pub csr_limits: CsrLimits,
+}
+
+/// Who is calling, from the verified client certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Identity {
+    /// No (usable) client certificate.
+    Anonymous,
+    /// `system:node:<name>` in `system:nodes`.
+    Node(String),
+    /// A member of `meshd:admins`.
+    Admin(String),
+}
+
+fn identity_of(cert_der: Option<&[u8]>) -> Identity {
+    let Some(der) = cert_der else {
+        return Identity::Anonymous;
+    };
+    let Ok(info) = pki::inspect::inspect_der(der) else {
+        return Identity::Anonymous;
+    };
+    if !info.has_client_auth() {
+        return Identity::Anonymous;
+    }
+    let cn = info.common_name.unwrap_or_default();
+    if info.organizations.iter().any(|o| o == ADMIN_GROUP) {
+        return Identity::Admin(cn);
+    }
+    if info.organizations.iter().any(|o| o == "system:nodes") {
+        if let Some(name) = cn.strip_prefix("system:node:") {
+            return Identity::Node(name.to_owned());
+        }
+    }
+    Identity::Anonymous
+}
+
+/// Writes a log line to stderr. Never pass secrets.
+pub fn log(msg: impl std::fmt::Display) {
+    eprintln!("{} meshd: {msg}", pki::time::rfc3339(SystemTime::now()));
+}
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+    fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+    fn internal(e: impl std::fmt::Display) -> Self {
+        log(format!("internal error: {e}"));
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error; see the control plane's log",
+        )
+    }
+}
+
+type HttpResponse = Response<Full<Bytes>>;
+
+fn json<T: Serialize>(status: StatusCode, v: &T) -> HttpResponse {
+    let body = serde_json::to_vec(v).unwrap_or_else(|_| b"{}".to_vec());
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
+fn error_response(e: ApiError) -> HttpResponse {
+    json(e.status, &ErrorBody { error: e.message })
+}
+
+async fn body<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+    if let Some(len) = req.headers().get(hyper::header::CONTENT_LENGTH) {
+        let len: usize = len
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(usize::MAX);
+        if len > MAX_BODY {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body of {len} bytes exceeds the {MAX_BODY}-byte limit"),
+            ));
+        }
+    }
+    let bytes = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body exceeds the {MAX_BODY}-byte limit"),
+            )
+        })?
+        .to_bytes();
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad(format!("malformed JSON request: {e}")))
+}
+
+/// Serves the API on `listener` until `shutdown` turns true. The TLS configuration is read from
+/// `tls` for every new connection, so a renewed server certificate is used without a restart.
+pub async fn serve(
+    listener: TcpListener,
+    tls: watch::Receiver<Arc<ServerConfig>>,
+    state: Arc<ApiState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                log(format!("accept failed: {e}"));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.borrow().clone());
+        let state = state.clone();
+        tokio::spawn(async move {
+            let tls_stream = match tokio::time::timeout(
+                Duration::from_secs(10),
+                acceptor.accept(stream),
+            )
+            .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    log(format!("TLS handshake with {peer} failed: {e}"));
+                    return;
+                }
+                Err(_) => {
+                    log(format!("TLS handshake with {peer} timed out"));
+                    return;
+                }
+            };
+            let id = identity_of(
+                tls_stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| c.as_ref()),
+            );
+            let svc = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                let id = id.clone();
+                async move { Ok::<_, Infallible>(route(&state, &id, peer, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(tls_stream), svc)
+                .await;
+        });
+    }
+}
+
+async fn route(
+    state: &ApiState,
+    id: &Identity,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> HttpResponse {
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    let res = match (&method, path.as_str()) {
+        (&Method::GET, "/v1/info") => Ok(json(
+            StatusCode::OK,
+            &InfoResponse {
+                cluster_name: state.settings.cluster_name.clone(),
+                server_time: unix(SystemTime::now()),
+                api_version: "v1".into(),
+            },
+        )),
+        (&Method::POST, "/v1/join") => match body::<JoinRequest>(req).await {
+            Ok(r) => join(state, r, peer).await.map(|r| json(StatusCode::OK, &r)),
+            Err(e) => Err(e),
+        },
+        (&Method::POST, "/v1/lease/renew") => match need_node(id) {
+            Ok(node) => match body::<RenewLeaseRequest>(req).await {
+                Ok(r) => renew_lease(state, &node, r)
+                    .await
+                    .map(|r| json(StatusCode::OK, &r)),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        },
+        (&Method::GET, "/v1/nodes") => match id {
+            Identity::Anonymous => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "a node or admin client certificate is required",
+            )),
+            _ => list_nodes(state).await.map(|r| json(StatusCode::OK, &r)),
+        },
+        (&Method::POST, "/v1/tokens") => match need_admin(id) {
+            Ok(()) => match body::<TokenCreateRequest>(req).await {
+                Ok(r) => create_token(state, r)
+                    .await
+                    .map(|r| json(StatusCode::OK, &r)),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        },
+        (&Method::GET, "/v1/tokens") => match need_admin(id) {
+            Ok(()) => list_tokens(state).await.map(|r| json(StatusCode::OK, &r)),
+            Err(e) => Err(e),
+        },
+        (&Method::DELETE, p) if p.starts_with("/v1/tokens/") => match need_admin(id) {
+            Ok(()) => revoke_token(state, &p["/v1/tokens/".len()..])
+                .await
+                .map(|()| json(StatusCode::OK, &serde_json::json!({}))),
+            Err(e) => Err(e),
+        },
+        (&Method::DELETE, p) if p.starts_with("/v1/nodes/") => match need_admin(id) {
+            Ok(()) => remove_node(state, &p["/v1/nodes/".len()..])
+                .await
+                .map(|()| json(StatusCode::OK, &serde_json::json!({}))),
+            Err(e) => Err(e),
+        },
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no such call: {method} {path}"),
+        )),
+    };
+    res.unwrap_or_else(error_response)
+}
+
+fn need_node(id: &Identity) -> Result<String, ApiError> {
+    match id {
+        Identity::Node(n) => Ok(n.clone()),
+        _ => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "this call needs the node's client certificate",
+        )),
+    }
+}
+
+fn need_admin(id: &Identity) -> Result<(), ApiError> {
+    match id {
+        Identity::Admin(_) => Ok(()),
+        _ => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("this call needs an admin client certificate (O={ADMIN_GROUP})"),
+        )),
+    }
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn token_rejected() -> ApiError {
+    // One message for every token failure: the caller learns nothing about which tokens exist.
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "join refused: the token is invalid, expired, revoked or used up",
+    )
+}
+
+fn node_policy(
+    state: &ApiState,
+    cn: &str,
+    org: &str,
+    usage: Usage,
+    dns: Vec<String>,
+    ips: Vec<std::net::IpAddr>,
+) -> SigningPolicy {
+    let lifetime = Duration::from_secs(state.settings.leaf_lifetime_secs);
+    SigningPolicy {
+        common_name: cn.to_owned(),
+        organizations: vec![org.to_owned()],
+        allowed_dns_names: dns,
+        allowed_ip_addresses: ips,
+        usage,
+        require_san: usage == Usage::Server,
+        lifetime,
+        max_lifetime: lifetime,
+        backdate: pki::ca::DEFAULT_BACKDATE,
+    }
+}
+
+/// Signs the four node certificates under the node policy (identity from `name`, never from the CSR).
+pub fn sign_node_csrs(
+    state: &ApiState,
+    name: &str,
+    addresses: &[std::net::IpAddr],
+    csrs: &NodeCsrs,
+    now: SystemTime,
+) -> Result<NodeCerts, ApiError> {
+    let node_cn = format!("system:node:{name}");
+    let sign = |what: &str, pem: &str, policy: SigningPolicy| -> Result<String, ApiError> {
+        let csr = csr::parse_csr_pem(pem, &state.csr_limits)
+            .map_err(|e| ApiError::bad(format!("{what}: {e}")))?;
+        let cert = csr::sign_csr(&state.ca, &csr, &policy, now).map_err(|e| match e {
+            pki::PkiError::PolicyViolation { .. } | pki::PkiError::BadCsr(_) => {
+                ApiError::new(StatusCode::FORBIDDEN, format!("{what}: {e}"))
+            }
+            other => ApiError::internal(other),
+        })?;
+        Ok(cert.pem)
+    };
+    Ok(NodeCerts {
+        kubelet_client: sign(
+            "kubelet client CSR",
+            &csrs.kubelet_client,
+            node_policy(
+                state,
+                &node_cn,
+                "system:nodes",
+                Usage::Client,
+                vec![],
+                vec![],
+            ),
+        )?,
+        kubelet_serving: sign(
+            "kubelet serving CSR",
+            &csrs.kubelet_serving,
+            node_policy(
+                state,
+                &node_cn,
+                "system:nodes",
+                Usage::Server,
+                vec![name.to_owned()],
+                addresses.to_vec(),
+            ),
+        )?,
+        kube_proxy: sign(
+            "kube-proxy CSR",
+            &csrs.kube_proxy,
+            node_policy(
+                state,
+                "system:kube-proxy",
+                "system:node-proxier",
+                Usage::Client,
+                vec![],
+                vec![],
+            ),
+        )?,
+        node_identity: sign(
+            "node identity CSR",
+            &csrs.node_identity,
+            node_policy(
+                state,
+                &node_cn,
+                "system:nodes",
+                Usage::Client,
+                vec![],
+                vec![],
+            ),
+        )?,
+    })
+}
+
+fn validate_join(r: &JoinRequest) -> Result<(), ApiError> {
+    registry::validate_node_name(&r.node_name)
+        .map_err(|e| ApiError::bad(format!("node_name: {e}")))?;
+    registry::validate_wireguard_key(&r.wireguard_public_key)
+        .map_err(|e| ApiError::bad(format!("wireguard_public_key: {e}")))?;
+    if r.addresses.is_empty() || r.addresses.len() > 8 {
+        return Err(ApiError::bad("addresses: give 1 to 8 addresses"));
+    }
+    for a in &r.addresses {
+        if a.is_unspecified() || a.is_multicast() {
+            return Err(ApiError::bad(format!(
+                "addresses: {a} is not a unicast address"
+            )));
+        }
+    }
+    if r.endpoint.ip().is_unspecified() || r.endpoint.port() == 0 {
+        return Err(ApiError::bad(format!(
+            "endpoint: {} is not a usable address and port",
+            r.endpoint
+        )));
+    }
+    Ok(())
+}
+
+/// Consumes one use of the token with compare-and-swap (retried on conflict): two concurrent joins
+/// can never both take the last use.
+async fn consume_token(
+    store: &dyn Store,
+    token: &Token,
+    now: SystemTime,
+) -> Result<TokenRecord, ApiError> {
+    for _ in 0..64 {
+        let Some(kv) = store
+            .get(&tokens::key(&token.id))
+            .await
+            .map_err(ApiError::internal)?
+        else {
+            log(format!(
+                "join refused: token {}: {}",
+                token.id,
+                tokens::Refusal::Unknown
+            ));
+            return Err(token_rejected());
+        };
+        let rec: TokenRecord = serde_json::from_slice(&kv.value).map_err(ApiError::internal)?;
+        if let Err(why) = rec.admit(token, now) {
+            log(format!("join refused: token {}: {why}", token.id));
+            return Err(token_rejected());
+        }
+        let next = rec.consumed();
+        let bytes = serde_json::to_vec(&next).map_err(ApiError::internal)?;
+        let lease = (kv.lease != 0).then_some(kv.lease);
+        if store
+            .compare_and_swap(&kv.key, kv.mod_revision, &bytes, lease)
+            .await
+            .map_err(ApiError::internal)?
+            .is_some()
+        {
+            return Ok(next);
+        }
+    }
+    Err(ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "token busy; retry",
+    ))
+}
+
+async fn refund_token(store: &dyn Store, id: &str) {
+    for _ in 0..16 {
+        let Ok(Some(kv)) = store.get(&tokens::key(id)).await else {
+            return;
+        };
+        let Ok(mut rec) = serde_json::from_slice::<TokenRecord>(&kv.value) else {
+            return;
+        };
+        rec.uses_left = rec.uses_left.map(|u| u.saturating_add(1));
+        rec.used = rec.used.saturating_sub(1);
+        let Ok(bytes) = serde_json::to_vec(&rec) else {
+            return;
+        };
+        let lease = (kv.lease != 0).then_some(kv.lease);
+        if let Ok(Some(_)) = store
+            .compare_and_swap(&kv.key, kv.mod_revision, &bytes, lease)
+            .await
+        {
+            return;
+        }
+    }
+}
+
+fn lease_attrs(
+    name: &str,
+    addresses: &[std::net::IpAddr],
+    key: &str,
+    endpoint: SocketAddr,
+) -> LeaseAttrs {
+    let v4 = match endpoint.ip() {
+        std::net::IpAddr::V4(a) => Some(a),
+        _ => None,
+    }
+    .or_else(|| {
+        addresses.iter().find_map(|a| match a {
+            std::net::IpAddr::V4(a) => Some(*a),
+            _ => None,
+        })
+    })
+    .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
+    let v6 = addresses.iter().find_map(|a| match a {
+        std::net::IpAddr::V6(a) => Some(*a),
+        _ => None,
+    });
+    LeaseAttrs {
+        public_ip: v4,
+        public_ipv6: v6,
+        backend_type: "wireguard".into(),
+        backend_data: BackendData {
+            public_key: key.to_owned(),
+        },
+        meshd: Some(MeshdLease {
+            node: name.to_owned(),
+            endpoint,
+        }),
+    }
+}
+
+/// Registers a node: the order makes every refusal happen before any state changes, and a lost race
+/// for the node name gives back the subnet and the token use.
+async fn join(
+    state: &ApiState,
+    r: JoinRequest,
+    peer: SocketAddr,
+) -> Result<JoinResponse, ApiError> {
+    let now = SystemTime::now();
+    let token = Token::parse(&r.token).map_err(|_| {
+        log(format!("join refused from {peer}: malformed token"));
+        token_rejected()
+    })?;
+    log(format!(
+        "join request from {peer}: node {:?}, token {}",
+        r.node_name, token.id
+    ));
+    validate_join(&r)?;
+    // Sign first: a CSR for another identity is refused before the token is touched.
+    let certs = sign_node_csrs(state, &r.node_name, &r.addresses, &r.csrs, now)?;
+    let store = state.store.as_ref();
+    if store
+        .get(&registry::key(&r.node_name))
+        .await
+        .map_err(ApiError::internal)?
+        .is_some()
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "node_name: {:?} is already registered to another node",
+                r.node_name
+            ),
+        ));
+    }
+    consume_token(store, &token, now).await?;
+    let attrs = lease_attrs(
+        &r.node_name,
+        &r.addresses,
+        &r.wireguard_public_key,
+        r.endpoint,
+    );
+    let lease = match leases::acquire(store, &state.prefix, &state.network, &attrs, None).await {
+        Ok(l) => l,
+        Err(e) => {
+            refund_token(store, &token.id).await;
+            return Err(match e {
+                leases::LeaseError::Exhausted(x) => {
+                    ApiError::new(StatusCode::CONFLICT, x.to_string())
+                }
+                other => ApiError::internal(other),
+            });
+        }
+    };
+    let record = NodeRecord {
+        version: registry::RECORD_VERSION,
+        name: r.node_name.clone(),
+        addresses: r.addresses.clone(),
+        wireguard_public_key: r.wireguard_public_key.clone(),
+        endpoint: r.endpoint,
+        subnet: lease.subnet,
+        control_plane: false,
+        registered: unix(now),
+    };
+    let bytes = serde_json::to_vec(&record).map_err(ApiError::internal)?;
+    if store
+        .create(&registry::key(&r.node_name), &bytes, None)
+        .await
+        .map_err(ApiError::internal)?
+        .is_none()
+    {
+        let _ = leases::release(store, &state.prefix, lease.subnet, &r.node_name).await;
+        refund_token(store, &token.id).await;
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "node_name: {:?} is already registered to another node",
+                r.node_name
+            ),
+        ));
+    }
+    log(format!(
+        "node {} joined from {peer}: subnet {}, token {}",
+        r.node_name, lease.subnet, token.id
+    ));
+    Ok(JoinResponse {
+        node: record,
+        certs,
+        ca_pem: state.ca.cert_pem().to_owned(),
+        subnet: lease.subnet,
+        network: state.network.clone(),
+        apiserver_url: state.settings.apiserver_url(),
+        cluster_name: state.settings.cluster_name.clone(),
+    })
+}
+
+async fn get_node(
+    store: &dyn Store,
+    name: &str,
+) -> Result<(NodeRecord, crate::store::KeyValue), ApiError> {
+    let kv = store
+        .get(&registry::key(name))
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!("node {name:?} is not registered"),
+            )
+        })?;
+    let rec = serde_json::from_slice(&kv.value).map_err(ApiError::internal)?;
+    Ok((rec, kv))
+}
+
+async fn renew_lease(
+    state: &ApiState,
+    node: &str,
+    r: RenewLeaseRequest,
+) -> Result<RenewLeaseResponse, ApiError> {
+    let store = state.store.as_ref();
+    let (mut rec, kv) = get_node(store, node).await?;
+    if r.subnet != rec.subnet {
+        return Err(ApiError::bad(format!(
+            "subnet: {} is not this node's subnet {}",
+            r.subnet, rec.subnet
+        )));
+    }
+    let attrs = lease_attrs(
+        node,
+        &rec.addresses,
+        &rec.wireguard_public_key,
+        rec.endpoint,
+    );
+    let lease = leases::renew(store, &state.prefix, &state.network, &attrs, rec.subnet)
+        .await
+        .map_err(ApiError::internal)?;
+    if lease.subnet != rec.subnet {
+        log(format!(
+            "node {node}: lease of {} had expired and was reassigned; new subnet {}",
+            rec.subnet, lease.subnet
+        ));
+        rec.subnet = lease.subnet;
+        let bytes = serde_json::to_vec(&rec).map_err(ApiError::internal)?;
+        store
+            .compare_and_swap(&kv.key, kv.mod_revision, &bytes, None)
+            .await
+            .map_err(ApiError::internal)?;
+    }
+    Ok(RenewLeaseResponse {
+        subnet: lease.subnet,
+    })
+}
+
+async fn list_nodes(state: &ApiState) -> Result<Vec<NodeRecord>, ApiError> {
+    let listing = state
+        .store
+        .list(registry::PREFIX)
+        .await
+        .map_err(ApiError::internal)?;
+    listing
+        .kvs
+        .iter()
+        .map(|kv| serde_json::from_slice(&kv.value).map_err(ApiError::internal))
+        .collect()
+}
+
+async fn remove_node(state: &ApiState, name: &str) -> Result<(), ApiError> {
+    let store = state.store.as_ref();
+    let (rec, kv) = get_node(store, name).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("node {name:?} is not registered"),
+        )
+    })?;
+    store
+        .delete(&kv.key, Some(kv.mod_revision))
+        .await
+        .map_err(ApiError::internal)?;
+    let _ = leases::release(store, &state.prefix, rec.subnet, name).await;
+    log(format!(
+        "node {name} removed; subnet {} released",
+        rec.subnet
+    ));
+    Ok(())
+}
+
+async fn create_token(
+    state: &ApiState,
+    r: TokenCreateRequest,
+) -> Result<TokenCreateResponse, ApiError> {
+    if r.ttl_secs == 0 || r.ttl_secs > 30 * 86400 {
+        return Err(ApiError::bad("ttl: must be between 1 second and 30 days"));
+    }
+    if r.uses == Some(0) {
+        return Err(ApiError::bad("uses: must be at least 1"));
+    }
+    if r.description.len() > 256 {
+        return Err(ApiError::bad("description: at most 256 characters"));
+    }
+    let now = SystemTime::now();
+    let store = state.store.as_ref();
+    for _ in 0..8 {
+        let token = Token::generate().map_err(ApiError::internal)?;
+        let rec = TokenRecord::new(
+            &token,
+            Duration::from_secs(r.ttl_secs),
+            r.uses,
+            &r.description,
+            now,
+        );
+        let bytes = serde_json::to_vec(&rec).map_err(ApiError::internal)?;
+        // The record disappears on its own shortly after it expires.
+        let lease = store
+            .grant_lease(Duration::from_secs(r.ttl_secs + 60))
+            .await
+            .map_err(ApiError::internal)?;
+        if store
+            .create(&tokens::key(&token.id), &bytes, Some(lease))
+            .await
+            .map_err(ApiError::internal)?
+            .is_some()
+        {
+            log(format!(
+                "token {} created ({} uses, expires {})",
+                token.id,
+                r.uses.map(|u| u.to_string()).unwrap_or("unlimited".into()),
+                pki::time::rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(rec.expires))
+            ));
+            return Ok(TokenCreateResponse {
+                token: token.expose().to_string(),
+                ca_hash: format!("sha256:{}", state.ca.spki_sha256()),
+                server: state.server_addr.clone(),
+                expires: pki::time::rfc3339(
+                    SystemTime::UNIX_EPOCH + Duration::from_secs(rec.expires),
+                ),
+            });
+        }
+        let _ = store.revoke_lease(lease).await;
+    }
+    Err(ApiError::internal("could not find a free token id"))
+}
+
+async fn list_tokens(state: &ApiState) -> Result<Vec<TokenInfo>, ApiError> {
+    let listing = state
+        .store
+        .list(tokens::PREFIX)
+        .await
+        .map_err(ApiError::internal)?;
+    let mut out = Vec::new();
+    for kv in listing.kvs {
+        let rec: TokenRecord = serde_json::from_slice(&kv.value).map_err(ApiError::internal)?;
+        out.push(TokenInfo {
+            id: rec.id,
+            description: rec.description,
+            expires: pki::time::rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(rec.expires)),
+            uses_left: rec.uses_left,
+            used: rec.used,
+        });
+    }
+    Ok(out)
+}
+
+async fn revoke_token(state: &ApiState, id: &str) -> Result<(), ApiError> {
+    if id.len() != 6
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        return Err(ApiError::bad(format!(
+            "token id {id:?} is not of the form [a-z0-9]{{6}}"
+        )));
+    }
+    if state
+        .store
+        .delete(&tokens::key(id), None)
+        .await
+        .map_err(ApiError::internal)?
+    {
+        log(format!("token {id} revoked"));
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no token with id {id}"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identities() {
+        assert_eq!(identity_of(None), Identity::Anonymous);
+        assert_eq!(identity_of(Some(b"junk")), Identity::Anonymous);
+    }
+}

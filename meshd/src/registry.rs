@@ -1,0 +1,91 @@
+//! meshd's node records (`/meshd/nodes/<name>`, versioned JSON): names, addresses, WireGuard keys,
+//! endpoints and subnets. The peer set of the mesh follows these records.
+
+use std::net::{IpAddr, SocketAddr};
+
+use base64::Engine;
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+/// Store prefix of node records.
+pub const PREFIX: &str = "/meshd/nodes/";
+/// Format version of [`NodeRecord`].
+pub const RECORD_VERSION: u32 = 1;
+
+/// A registered node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Format version.
+    pub version: u32,
+    /// Node name (its certificates say `system:node:<name>`).
+    pub name: String,
+    /// The node's addresses (its kubelet serving certificate may name exactly these).
+    pub addresses: Vec<IpAddr>,
+    /// WireGuard public key, base64 as `wg pubkey` prints it.
+    pub wireguard_public_key: String,
+    /// WireGuard endpoint (address and UDP port) peers send to.
+    pub endpoint: SocketAddr,
+    /// The node's pod subnet.
+    pub subnet: Ipv4Net,
+    /// Whether it is a control-plane node.
+    #[serde(default)]
+    pub control_plane: bool,
+    /// Registration time, Unix seconds.
+    pub registered: u64,
+}
+
+/// The store key of node `name`.
+pub fn key(name: &str) -> String {
+    format!("{PREFIX}{name}")
+}
+
+/// Checks a WireGuard public key: base64 of exactly 32 bytes.
+pub fn validate_wireguard_key(s: &str) -> Result<(), String> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(s.trim())
+        .map_err(|_| format!("WireGuard public key {s:?} is not base64"))?;
+    if bytes.len() != 32 {
+        return Err(format!(
+            "WireGuard public key decodes to {} bytes, expected 32",
+            bytes.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a node name: a lower-case DNS name of at most 63 characters per label, 253 in all.
+pub fn validate_node_name(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "node name {s:?} must be a lower-case DNS name (a-z, 0-9, '-', '.')"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation() {
+        assert!(validate_wireguard_key("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=").is_ok());
+        assert!(validate_wireguard_key("AAAA").is_err());
+        assert!(validate_wireguard_key("not base64!").is_err());
+        assert!(validate_node_name("node-1.example").is_ok());
+        for bad in ["", "Node", "-a", "a_b", &"a".repeat(64)] {
+            assert!(validate_node_name(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! `meshd run` on a control-plane node: open the store, make sure the network configuration is in it,
+//! and serve the meshd API until SIGINT or SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use pki::ca::CertificateAuthority;
+use pki::csr::CsrLimits;
+use pki::inventory::CaId;
+use pki::keys::PrivateKey;
+use tokio::sync::watch;
+
+use crate::api::server::{self, log, ApiState};
+use crate::material::{self, Found};
+use crate::settings::{self, MeshdConfig, Role, StoreKind};
+use crate::store::{
+    embedded::EmbeddedStore,
+    etcd::{EtcdStore, EtcdTls},
+    Store,
+};
+
+/// Opens the store a control plane's settings name.
+pub async fn open_store(data_dir: &Path, cfg: &MeshdConfig) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match cfg.store.kind {
+        StoreKind::Embedded => Arc::new(EmbeddedStore::open(&data_dir.join("state.redb"))?),
+        StoreKind::Etcd => {
+            let ca_pem = pki::store::read_text(&data_dir.join("pki/etcd/ca.crt"))?;
+            let cert_pem = pki::store::read_text(&data_dir.join("pki/etcd/meshd-client.crt"))?;
+            let key = pki::store::read_key_file(&data_dir.join("pki/etcd/meshd-client.key"))?;
+            let tls = EtcdTls {
+                ca_pem,
+                cert_pem,
+                key_pem: zeroize::Zeroizing::new(key.expose().to_owned()),
+            };
+            Arc::new(EtcdStore::connect(&cfg.store.etcd_endpoints, Some(tls)).await?)
+        }
+    })
+}
+
+/// Makes sure `<prefix>/config` holds the network configuration for `cluster_cidr`, and returns it.
+pub async fn ensure_network_config(
+    store: &dyn Store,
+    prefix: &str,
+    cluster_cidr: ipnet::IpNet,
+) -> anyhow::Result<overlay::NetworkConfig> {
+    let ipnet::IpNet::V4(net) = cluster_cidr else {
+        bail!("the cluster CIDR {cluster_cidr} is IPv6; meshd's overlay is IPv4 for now");
+    };
+    let key = format!("{}/config", prefix.trim_end_matches('/'));
+    let want = overlay::NetworkConfig::with_defaults(
+        net,
+        overlay::Backend {
+            kind: "wireguard".into(),
+            listen_port: 51820,
+            persistent_keepalive_interval: 25,
+            mtu: 0,
+        },
+    )?;
+    if let Some(kv) = store.get(&key).await? {
+        let have: overlay::NetworkConfig = serde_json::from_slice(&kv.value)
+            .with_context(|| format!("{key} in the store is not a valid network config"))?;
+        have.validate()
+            .with_context(|| format!("{key} in the store"))?;
+        if have.network != want.network {
+            bail!(
+                "the store's network config ({key}) is for {}, but this control plane's cluster CIDR is {}: refusing to mix them",
+                have.network,
+                want.network
+            );
+        }
+        return Ok(have);
+    }
+    let bytes = serde_json::to_vec(&want)?;
+    if store.create(&key, &bytes, None).await?.is_none() {
+        // Someone else wrote it meanwhile: use theirs.
+        let kv = store.get(&key).await?.context("network config vanished")?;
+        return Ok(serde_json::from_slice(&kv.value)?);
+    }
+    Ok(want)
+}
+
+fn load_ca(data_dir: &Path) -> anyhow::Result<CertificateAuthority> {
+    match material::read_ca(data_dir, CaId::Cluster)? {
+        Found::Present(m) => {
+            let key = PrivateKey::from_pem_bundle(m.key_pem.expose())
+                .with_context(|| m.key_path.display().to_string())?;
+            Ok(CertificateAuthority::from_parts(m.cert_pem, key)
+                .with_context(|| m.cert_path.display().to_string())?)
+        }
+        _ => bail!(
+            "{}: the cluster CA is missing; run `meshd init`",
+            data_dir.join("pki/ca.crt").display()
+        ),
+    }
+}
+
+/// Runs the control plane until `shutdown` resolves. `listen` overrides the advertise address and
+/// API port.
+pub async fn run_control_plane(
+    data_dir: &Path,
+    listen: Option<SocketAddr>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let cfg = settings::require_config(data_dir)?;
+    if cfg.role != Role::ControlPlane {
+        bail!(
+            "{} belongs to a joined node; `meshd run` on nodes arrives with the mesh",
+            data_dir.display()
+        );
+    }
+    let s = cfg
+        .cluster
+        .clone()
+        .context("meshd.json: no cluster settings")?;
+    let ca = load_ca(data_dir)?;
+    let api = match material::read_pair(
+        data_dir,
+        "meshd-api",
+        &pki::store::PairLinks {
+            cert: Some("pki/meshd/api-server.crt".into()),
+            key: Some("pki/meshd/api-server.key".into()),
+            combined: None,
+        },
+    )? {
+        Found::Present(m) => m,
+        _ => bail!("pki/meshd/api-server.crt is missing; run `meshd init` again to complete the data directory"),
+    };
+    let chain = format!("{}{}", api.cert_pem, ca.cert_pem());
+    let tls = crate::tls::server_config(&chain, api.key_pem.expose(), ca.cert_pem())?;
+    let store = open_store(data_dir, &cfg).await?;
+    let network = ensure_network_config(store.as_ref(), &cfg.store.prefix, s.cluster_cidr).await?;
+    let addr = listen.unwrap_or(SocketAddr::new(s.advertise_address, s.api_port));
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let local = listener.local_addr()?;
+    let state = Arc::new(ApiState {
+        store: store.clone(),
+        ca,
+        settings: s.clone(),
+        network,
+        prefix: cfg.store.prefix.clone(),
+        server_addr: local.to_string(),
+        csr_limits: CsrLimits::default(),
+    });
+    log(format!(
+        "meshd API listening on https://{local} (store: {})",
+        store.describe()
+    ));
+    let (_tls_tx, tls_rx) = watch::channel(tls);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let server = tokio::spawn(server::serve(listener, tls_rx, state, stop_rx));
+    shutdown.await;
+    log("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,165 @@
+//! Cluster state: a small key-value [`Store`] trait with two backends, an embedded single-file
+//! database ([`embedded::EmbeddedStore`], redb) and etcd ([`etcd::EtcdStore`], `etcd-client` over
+//! mTLS). Semantics follow etcd's, so the two are interchangeable and one conformance suite runs
+//! against both:
+//!
+//! * every write bumps a store-wide `revision`; each key carries `create_revision`, `mod_revision` and
+//!   `version` (number of writes since creation);
+//! * conditional writes compare a key's `mod_revision` (0 = the key must not exist);
+//! * leases have a TTL; when a lease expires (or is revoked) every key attached to it is deleted;
+//! * a watch streams the events of a prefix from a revision on; asking for a revision older than the
+//!   compacted history yields [`StoreError::Compacted`], and the caller re-lists.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub mod embedded;
+pub mod etcd;
+
+/// A lease id (etcd's, or the embedded store's own).
+pub type LeaseId = i64;
+
+/// One key with its value and revisions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyValue {
+    /// The key.
+    pub key: String,
+    /// The value.
+    pub value: Vec<u8>,
+    /// Revision of the write that created the key.
+    pub create_revision: i64,
+    /// Revision of the last write to the key.
+    pub mod_revision: i64,
+    /// Number of writes since creation (1 after creation).
+    pub version: i64,
+    /// The lease the key is attached to (0 = none).
+    pub lease: LeaseId,
+}
+
+/// A change seen by a watch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A key was created or updated (its new state).
+    Put(KeyValue),
+    /// A key was deleted (explicitly, or because its lease expired), at `mod_revision`.
+    Delete {
+        /// The key.
+        key: String,
+        /// The revision of the deletion.
+        mod_revision: i64,
+    },
+}
+
+impl Event {
+    /// The key concerned.
+    pub fn key(&self) -> &str {
+        match self {
+            Event::Put(kv) => &kv.key,
+            Event::Delete { key, .. } => key,
+        }
+    }
+
+    /// The revision of the change.
+    pub fn revision(&self) -> i64 {
+        match self {
+            Event::Put(kv) => kv.mod_revision,
+            Event::Delete { mod_revision, .. } => *mod_revision,
+        }
+    }
+}
+
+/// A prefix listing with the store revision it was read at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listing {
+    /// The keys, in key order.
+    pub kvs: Vec<KeyValue>,
+    /// The store's revision at the time of the read (watch from `revision + 1` to follow on).
+    pub revision: i64,
+}
+
+/// A stream of watch events. Dropping it cancels the watch.
+pub struct Watch {
+    /// Events in revision order. The channel closes when the watch ends; an `Err` item
+    /// (e.g. [`StoreError::Compacted`]) ends it too.
+    pub events: tokio::sync::mpsc::Receiver<Result<Event, StoreError>>,
+}
+
+/// Errors of the stores.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The requested watch revision was compacted away; re-list and watch from the listing's revision.
+    #[error(
+        "revision {requested} has been compacted (oldest available: {compact_revision}); re-list"
+    )]
+    Compacted {
+        /// What was asked for.
+        requested: i64,
+        /// The compaction point.
+        compact_revision: i64,
+    },
+    /// The lease does not exist (expired or revoked).
+    #[error("lease {0} not found (expired or revoked)")]
+    LeaseNotFound(LeaseId),
+    /// The store could not be reached or answered with an error.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The store's data is corrupt or not meshd's.
+    #[error("store corrupt: {0}")]
+    Corrupt(String),
+    /// Any other failure, with context.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The operations the rest of meshd needs from its state store.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Reads one key (a linearizable read on etcd).
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError>;
+
+    /// Lists every key starting with `prefix`, in key order, with the revision of the read.
+    async fn list(&self, prefix: &str) -> Result<Listing, StoreError>;
+
+    /// Creates `key` only if it does not exist: `Ok(Some(kv))` with the created key, or `Ok(None)`
+    /// when it already existed.
+    async fn create(
+        &self,
+        key: &str,
+        value: &[u8],
+        lease: Option<LeaseId>,
+    ) -> Result<Option<KeyValue>, StoreError>;
+
+    /// Writes `key` only if its `mod_revision` is `expected` (0: only if absent). Returns the new
+    /// state on success, `Ok(None)` when the comparison failed.
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: i64,
+        value: &[u8],
+        lease: Option<LeaseId>,
+    ) -> Result<Option<KeyValue>, StoreError>;
+
+    /// Deletes `key` only if its `mod_revision` is `expected` (`None`: unconditionally). Returns
+    /// whether a key was deleted.
+    async fn delete(&self, key: &str, expected: Option<i64>) -> Result<bool, StoreError>;
+
+    /// Grants a lease with `ttl` (rounded up to whole seconds, at least 1 s).
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError>;
+
+    /// Renews a lease for its full TTL. [`StoreError::LeaseNotFound`] when it already expired.
+    async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError>;
+
+    /// Revokes a lease, deleting its keys. Revoking an unknown lease is not an error.
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError>;
+
+    /// Watches `prefix` from `from_revision` (inclusive; 0 = from now on).
+    async fn watch(&self, prefix: &str, from_revision: i64) -> Result<Watch, StoreError>;
+
+    /// Discards history before `revision` (watches from older revisions then fail with
+    /// [`StoreError::Compacted`]).
+    async fn compact(&self, revision: i64) -> Result<(), StoreError>;
+
+    /// A short description for logs and `meshd status` (`embedded:/path`, `etcd:https://...`).
+    fn describe(&self) -> String;
+}
