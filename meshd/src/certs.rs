@@ -148,8 +148,76 @@ fn fill(
     Some(a.der)
 }
 
+/// Checks a joined node: the cluster CA certificate (its key never leaves the control plane) and the
+/// node's own certificates.
+fn check_node(
+    data_dir: &Path,
+    j: &settings::JoinedNode,
+    now: SystemTime,
+) -> anyhow::Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    let ca_path = data_dir.join("pki/ca.crt");
+    let mut row = empty_row("ca", ca_path.clone(), true, "ca");
+    let ca_der = match pki::store::read_text(&ca_path).and_then(|t| {
+        pki::inspect::pem_to_der(&t).map_err(|e| pki::PkiError::bad_file(&ca_path, e.to_string()))
+    }) {
+        Ok(der) => match pki::inspect::inspect_der(&der) {
+            Ok(info) => {
+                row.subject = Some(info.subject.clone());
+                row.issuer = Some(info.issuer.clone());
+                row.not_before = Some(pki::time::rfc3339(info.not_before));
+                row.not_after = Some(pki::time::rfc3339(info.not_after));
+                row.residual_seconds = Some(pki::time::seconds_until(info.not_after, now));
+                row.serial = Some(info.serial.clone());
+                row.key_algorithm = Some(info.key.algorithm.clone());
+                if !info.is_ca {
+                    row.status = "not-a-ca".into();
+                    row.problems.push("not a CA certificate".into());
+                } else if now > info.not_after {
+                    row.status = "expired".into();
+                    row.problems.push("expired".into());
+                }
+                Some(der)
+            }
+            Err(e) => {
+                row.status = "error".into();
+                row.problems.push(format!("{}: {e}", ca_path.display()));
+                None
+            }
+        },
+        Err(e) => {
+            row.status = "error".into();
+            row.problems.push(e.to_string());
+            None
+        }
+    };
+    rows.push(row);
+    for e in inventory::node_entries(&j.name, &j.addresses) {
+        let mut row = empty_row(e.id, data_dir.join(main_file(&e)), false, e.signer.name());
+        fill(
+            &mut row,
+            material::read_entry(data_dir, &e),
+            ca_der.as_deref(),
+            Some(&e.profile),
+            now,
+        );
+        if ca_der.is_none() {
+            row.status = "wrong-ca".into();
+            row.problems
+                .push("cannot verify the chain: the cluster CA certificate is unusable".into());
+        }
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
 /// Checks every CA and certificate of the data directory at time `now`.
 pub fn check(data_dir: &Path, now: SystemTime) -> anyhow::Result<Vec<Row>> {
+    if let Some(cfg) = settings::load_config(data_dir)? {
+        if let (settings::Role::Node, Some(j)) = (cfg.role, &cfg.joined) {
+            return check_node(data_dir, j, now);
+        }
+    }
     let s = settings::load(data_dir)?;
     let have_settings = s.is_some();
     let s = s.unwrap_or_else(placeholder_settings);
