@@ -76,7 +76,7 @@ fn status_of(p: &material::Problem) -> &'static str {
         Expired => "expired",
         NotYetValid => "not-yet-valid",
         WrongCa(_) => "wrong-ca",
-        KeyMismatch => "key-mismatch",
+        KeyMismatch(_) => "key-mismatch",
         BadKey(_) => "bad-key",
         ProfileDiffers(_) => "ok",
         NotACa => "not-a-ca",

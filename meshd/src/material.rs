@@ -61,7 +61,22 @@ pub fn read_pair(data_dir: &Path, id: &str, links: &PairLinks) -> Result<Found, 
     let managed = cert_path.is_symlink() && key_path.is_symlink();
     if managed {
         if let Some(v) = store.current_version(id)? {
-            let p = store.read_version(id, v)?;
+            // Name the file the operator knows (`pki/ca.key`), not the version it points at:
+            // `chmod 600 pki/ca.key` follows the link.
+            let p = store.read_version(id, v).map_err(|e| match e {
+                PkiError::InsecureKeyMode { mode, .. } => PkiError::InsecureKeyMode {
+                    path: key_path.clone(),
+                    mode,
+                },
+                PkiError::KeyOwner {
+                    owner, expected, ..
+                } => PkiError::KeyOwner {
+                    path: key_path.clone(),
+                    owner,
+                    expected,
+                },
+                other => other,
+            })?;
             return Ok(Found::Present(Material {
                 cert_path,
                 key_path,
@@ -198,8 +213,8 @@ pub enum Problem {
     NotYetValid,
     /// Not signed by the CA it must chain to.
     WrongCa(String),
-    /// The key does not belong to the certificate.
-    KeyMismatch,
+    /// The key (at the given path) does not belong to the certificate.
+    KeyMismatch(String),
     /// The key cannot be parsed.
     BadKey(String),
     /// Identity, SANs or usage differ from what the settings call for.
@@ -221,7 +236,7 @@ impl std::fmt::Display for Problem {
             Problem::Expired => f.write_str("expired"),
             Problem::NotYetValid => f.write_str("not yet valid"),
             Problem::WrongCa(s) => write!(f, "does not chain to its CA: {s}"),
-            Problem::KeyMismatch => f.write_str("certificate and key do not match"),
+            Problem::KeyMismatch(k) => write!(f, "certificate and key do not match (key: {k})"),
             Problem::BadKey(s) => write!(f, "unreadable private key: {s}"),
             Problem::ProfileDiffers(s) => write!(f, "differs from the settings: {s}"),
             Problem::NotACa => f.write_str("not a CA certificate"),
@@ -261,7 +276,7 @@ pub fn assess(
     match PrivateKey::from_pem_bundle(m.key_pem.expose()) {
         Ok(k) => {
             if !inspect::key_matches(&der, &k)? {
-                problems.push(Problem::KeyMismatch);
+                problems.push(Problem::KeyMismatch(m.key_path.display().to_string()));
             }
         }
         Err(e) => problems.push(Problem::BadKey(format!("{}: {e}", m.key_path.display()))),

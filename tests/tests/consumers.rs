@@ -687,7 +687,7 @@ async fn kubectl_accepts_meshd_kubeconfigs_and_authenticates_over_mtls() {
             "kubernetes-admin",
             &cert_arg,
             &key_arg,
-            "--embed-certs=false",
+            "--embed-certs=true",
         ],
     )
     .await;

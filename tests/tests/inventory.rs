@@ -1389,7 +1389,7 @@ fn ca_key_readable_by_others_is_refused_with_path_and_mode() {
     assert!(!out.status.success(), "init must refuse");
     let msg = String::from_utf8_lossy(&out.stderr);
     assert!(
-        msg.contains(path_str(&target)) && msg.contains("0644"),
+        msg.contains(path_str(&d.path.join("pki/ca.key"))) && msg.contains("0644"),
         "init names the key and its mode: {}",
         describe(&out)
     );
@@ -1399,7 +1399,7 @@ fn ca_key_readable_by_others_is_refused_with_path_and_mode() {
     assert!(!out.status.success(), "certs check must fail");
     let msg = all_output(&out);
     assert!(
-        msg.contains(path_str(&target)) && msg.contains("0644"),
+        msg.contains(path_str(&d.path.join("pki/ca.key"))) && msg.contains("0644"),
         "certs check names the key and its mode: {}",
         describe(&out)
     );

@@ -433,6 +433,33 @@ fn validate_join(r: &JoinRequest) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Reads the token's record and checks that `token` may join now, without consuming a use. Every
+/// refusal is logged with its reason; the caller gets the generic [`token_rejected`].
+async fn admit_token(
+    store: &dyn Store,
+    token: &Token,
+    now: SystemTime,
+) -> Result<(crate::store::KeyValue, TokenRecord), ApiError> {
+    let Some(kv) = store
+        .get(&tokens::key(&token.id))
+        .await
+        .map_err(ApiError::internal)?
+    else {
+        log(format!(
+            "join refused: token {}: {}",
+            token.id,
+            tokens::Refusal::Unknown
+        ));
+        return Err(token_rejected());
+    };
+    let rec: TokenRecord = serde_json::from_slice(&kv.value).map_err(ApiError::internal)?;
+    if let Err(why) = rec.admit(token, now) {
+        log(format!("join refused: token {}: {why}", token.id));
+        return Err(token_rejected());
+    }
+    Ok((kv, rec))
+}
+
 /// Consumes one use of the token with compare-and-swap (retried on conflict): two concurrent joins
 /// can never both take the last use.
 async fn consume_token(
@@ -441,23 +468,7 @@ async fn consume_token(
     now: SystemTime,
 ) -> Result<TokenRecord, ApiError> {
     for _ in 0..64 {
-        let Some(kv) = store
-            .get(&tokens::key(&token.id))
-            .await
-            .map_err(ApiError::internal)?
-        else {
-            log(format!(
-                "join refused: token {}: {}",
-                token.id,
-                tokens::Refusal::Unknown
-            ));
-            return Err(token_rejected());
-        };
-        let rec: TokenRecord = serde_json::from_slice(&kv.value).map_err(ApiError::internal)?;
-        if let Err(why) = rec.admit(token, now) {
-            log(format!("join refused: token {}: {why}", token.id));
-            return Err(token_rejected());
-        }
+        let (kv, rec) = admit_token(store, token, now).await?;
         let next = rec.consumed();
         let bytes = serde_json::to_vec(&next).map_err(ApiError::internal)?;
         let lease = (kv.lease != 0).then_some(kv.lease);
@@ -551,9 +562,13 @@ async fn join(
         r.node_name, token.id
     ));
     validate_join(&r)?;
-    // Sign first: a CSR for another identity is refused before the token is touched.
-    let certs = sign_node_csrs(state, &r.node_name, &r.addresses, &r.csrs, now)?;
     let store = state.store.as_ref();
+    // The token is checked (not consumed) before anything else: a caller without a valid token
+    // learns nothing about the cluster (not even which node names are taken) and costs no
+    // signatures.
+    admit_token(store, &token, now).await?;
+    // Sign before consuming: a CSR for another identity is refused before the token is used.
+    let certs = sign_node_csrs(state, &r.node_name, &r.addresses, &r.csrs, now)?;
     if store
         .get(&registry::key(&r.node_name))
         .await

@@ -262,6 +262,16 @@ fn db_error(path: &Path, e: impl Into<redb::Error>) -> StoreError {
         | redb::Error::TypeDefinitionChanged { .. } => StoreError::Corrupt(format!(
             "{shown}: {e}; restore the file from a backup or move it aside to start empty"
         )),
+        redb::Error::Io(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+            ) =>
+        {
+            StoreError::Corrupt(format!(
+                "{shown}: {io}; restore the file from a backup or move it aside to start empty"
+            ))
+        }
         redb::Error::DatabaseAlreadyOpen | redb::Error::LockProtocolMismatch => {
             StoreError::Unavailable(format!(
                 "{shown} is in use by another process (another meshd?): {e}"

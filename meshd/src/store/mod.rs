@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+#[cfg(test)]
+mod conformance;
 pub mod embedded;
 pub mod etcd;
 
