@@ -5,10 +5,12 @@
 #   etcd-server etcd-client a real etcd with mTLS, started by the tests
 #   kubernetes-client       kubectl (skipped when a kubectl is already installed)
 #   protobuf-compiler       protoc, which etcd-client's build script needs to compile etcd's protos
+#   libprotobuf-dev         google/protobuf/descriptor.proto, which those protos import
 set -euo pipefail
 need=()
 command -v openssl >/dev/null || need+=(openssl)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v etcdctl >/dev/null || need+=(etcd-client)
 command -v kubectl >/dev/null || need+=(kubernetes-client)

@@ -95,6 +95,7 @@ elements() {
 
 csr_ns="$(mean_ns csr_parse_and_sign)"
 sign_ns="$(mean_ns csr_sign_only)"
+parse_ns="$(mean_ns csr_parse_only)"
 inv_ns="$(mean_ns inventory_issue_all)"
 inv_n="$(elements inventory_issue_all)"
 inspect_ns="$(mean_ns inspect_der)"
@@ -219,6 +220,7 @@ cat <<EOF
 | meshd: P-256 key + signed leaf, in process (whole inventory / $inv_n entries) | $(fmt_us "$per_entry_ns") µs |
 | meshd: CSR parse (self-signature verified) + policy + sign | $(fmt_us "$csr_ns") µs |
 | meshd: sign only (CSR pre-parsed) | $(fmt_us "$sign_ns") µs |
+| meshd: CSR parse only (self-signature verified) | $(fmt_us "$parse_ns") µs |
 | meshd: P-256 key generation alone | $(fmt_us "$keygen_ns") µs |
 | meshd: inspect_der (parse one leaf) | $(fmt_us "$inspect_ns") µs |
 | openssl CLI: genpkey + req + x509 -req (N=$N_OPENSSL) | $os_ms ms |

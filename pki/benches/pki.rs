@@ -4,6 +4,7 @@
 //! * `pki/csr_parse_and_sign`: a kubelet serving CSR (CN `system:node:n1`, O `system:nodes`, DNS `n1`,
 //!   one IP) parsed from PEM (self-signature verified) and signed under a [`SigningPolicy`].
 //! * `pki/csr_sign_only`: the same, with the CSR parsed once outside the loop.
+//! * `pki/csr_parse_only`: parsing alone (DER decode, self-signature verified, SANs read).
 //! * `pki/inventory_issue_all`: every entry of the control-plane inventory issued in memory (a fresh
 //!   P-256 key and a CA signature per entry), with the three CAs created outside the loop.
 //! * `pki/inspect_der`: parsing one issued leaf with [`pki::inspect::inspect_der`].
@@ -110,6 +111,10 @@ fn benches(c: &mut Criterion) {
 
     g.bench_function("csr_sign_only", |b| {
         b.iter(|| csr::sign_csr(&ca, black_box(&parsed), &policy, now).expect("sign"))
+    });
+
+    g.bench_function("csr_parse_only", |b| {
+        b.iter(|| csr::parse_csr_pem(black_box(&csr_pem), &limits).expect("parse"))
     });
 
     // The whole control-plane inventory, with existing CAs.

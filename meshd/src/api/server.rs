@@ -472,14 +472,11 @@ async fn consume_token(
         let next = rec.consumed();
         let bytes = serde_json::to_vec(&next).map_err(ApiError::internal)?;
         let lease = (kv.lease != 0).then_some(kv.lease);
-        if store
+        let _ = store
             .compare_and_swap(&kv.key, kv.mod_revision, &bytes, lease)
             .await
-            .map_err(ApiError::internal)?
-            .is_some()
-        {
-            return Ok(next);
-        }
+            .map_err(ApiError::internal)?;
+        return Ok(next);
     }
     Err(ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,

@@ -2,7 +2,7 @@
 //!
 //! Tables of the file:
 //! * `kv`: key → record (value, create and mod revision, version, lease), in a versioned binary
-//!   encoding ([`Record`]);
+//!   encoding (a version byte first);
 //! * `meta`: the format version, the current revision, the compact revision (oldest revision still in
 //!   the history) and the next lease id;
 //! * `leases`: lease id → TTL (seconds) and absolute expiry (unix milliseconds), so a lease survives a
@@ -193,25 +193,43 @@ impl EmbeddedStore {
 /// Creates the file `0600` if needed, checks its mode and opens it with redb (integrity checked).
 fn open_database(path: &Path) -> Result<Database, StoreError> {
     let shown = path.display();
-    match OpenOptions::new()
+    let created = match OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
     {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Ok(_) => {
+            // Make the new directory entry durable, like the commits that will fill the file.
+            let dir = match path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| StoreError::Other(format!("{}: fsync: {e}", dir.display())))?;
+            true
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
         Err(e) => {
             return Err(StoreError::Other(format!(
                 "{shown}: cannot create the store file: {e}"
             )))
         }
-    }
+    };
     let meta = std::fs::metadata(path)
         .map_err(|e| StoreError::Other(format!("{shown}: cannot read the store file: {e}")))?;
     if !meta.is_file() {
         return Err(StoreError::Other(format!("{shown}: not a regular file")));
+    }
+    if !created && meta.len() == 0 {
+        // redb would initialize an empty file: never start over silently on a store that was
+        // truncated. (A crash right after the very first creation also leaves this.)
+        return Err(StoreError::Corrupt(format!(
+            "{shown} is empty; if this data directory never held cluster state, delete the file; \
+             otherwise restore it from a backup"
+        )));
     }
     let mode = meta.mode() & 0o7777;
     if mode & 0o077 != 0 {
@@ -1077,6 +1095,7 @@ async fn watch_task(
 #[async_trait]
 impl Store for EmbeddedStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        check_key(key)?;
         let key = key.to_string();
         self.blocking(move |i| i.get(&key)).await
     }
@@ -1353,6 +1372,17 @@ mod tests {
             matches!(&err, StoreError::Corrupt(m) if m.contains("state.redb")),
             "{err}"
         );
+
+        // A store file truncated to nothing.
+        let empty = dir.path().join("empty.redb");
+        std::fs::File::create(&empty).unwrap();
+        std::fs::set_permissions(&empty, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let err = EmbeddedStore::open(&empty).unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Corrupt(m) if m.contains("empty.redb is empty")),
+            "{err}"
+        );
+        assert_eq!(std::fs::metadata(&empty).unwrap().len(), 0);
 
         // Somebody else's redb file.
         let foreign = dir.path().join("foreign.redb");

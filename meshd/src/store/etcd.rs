@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use etcd_client::{
     Certificate, Client, CompactionOptions, Compare, CompareOp, ConnectOptions, EventType,
     GetOptions, Identity, PutOptions, SortOrder, SortTarget, TlsOptions, Txn, TxnOp, TxnOpResponse,
-    TxnResponse, WatchOptions,
+    TxnResponse, WatchOptions, WatchResponse,
 };
 use tokio::sync::mpsc;
 use zeroize::Zeroizing;
@@ -123,10 +123,8 @@ impl EtcdStore {
         }
         let connecting = async {
             let mut client = Client::connect(endpoints, Some(options)).await?;
-            // Connections are made lazily: a first read proves etcd answers and accepts us.
-            client
-                .get("/", Some(GetOptions::new().with_count_only()))
-                .await?;
+            // Connections are made lazily: a first request proves etcd answers and accepts us.
+            client.status().await?;
             Ok::<_, etcd_client::Error>(client)
         };
         match tokio::time::timeout(timeout, connecting).await {
@@ -238,6 +236,46 @@ fn written_kv(resp: &TxnResponse, key: &str) -> Result<Option<KeyValue>, StoreEr
     Err(StoreError::Other(format!(
         "etcd: the transaction writing {key:?} returned no read-back"
     )))
+}
+
+/// Forwards the events of one watch response. `Some(error)` ends the watch (compaction,
+/// cancellation, an undecodable key); a closed receiver just stops the forwarding.
+async fn forward(
+    tx: &mpsc::Sender<Result<Event, StoreError>>,
+    resp: &WatchResponse,
+    from_revision: i64,
+) -> Option<StoreError> {
+    if resp.compact_revision() > 0 {
+        return Some(StoreError::Compacted {
+            requested: from_revision,
+            compact_revision: resp.compact_revision(),
+        });
+    }
+    for ev in resp.events() {
+        let Some(kv) = ev.kv() else { continue };
+        let event = match ev.event_type() {
+            EventType::Put => convert(kv).map(Event::Put),
+            EventType::Delete => convert(kv).map(|kv| Event::Delete {
+                key: kv.key,
+                mod_revision: kv.mod_revision,
+            }),
+        };
+        match event {
+            Ok(e) => {
+                if tx.send(Ok(e)).await.is_err() {
+                    return None;
+                }
+            }
+            Err(e) => return Some(e),
+        }
+    }
+    if resp.canceled() {
+        return Some(StoreError::Unavailable(format!(
+            "etcd canceled the watch: {}",
+            resp.cancel_reason()
+        )));
+    }
+    None
 }
 
 #[async_trait]
@@ -386,61 +424,40 @@ impl Store for EtcdStore {
             opts = opts.with_start_revision(from_revision);
         }
         let mut client = self.client.watch_client();
-        let stream = call("watch", client.watch(prefix, Some(opts))).await?;
+        // Wait for etcd's "created" answer, so that "from now on" (0) means from this call's
+        // return: a write made after it is seen.
+        let establish = async {
+            let stream = client.watch(prefix, Some(opts)).await?;
+            let (requests, mut responses) = stream.split();
+            let first = responses.message().await?;
+            Ok::<_, etcd_client::Error>((requests, responses, first))
+        };
+        let (requests, mut responses, first) = call("watch", establish).await?;
         let (tx, events) = mpsc::channel(WATCH_BUFFER);
         tokio::spawn(async move {
             // The request half must stay open: etcd ends the watch when the client closes it.
-            let (_requests, mut responses) = stream.split();
+            let _requests = requests;
+            let mut pending = Some(Ok(first));
             loop {
-                let message = tokio::select! {
-                    _ = tx.closed() => return,
-                    m = responses.message() => m,
+                let message = match pending.take() {
+                    Some(m) => m,
+                    None => tokio::select! {
+                        _ = tx.closed() => return,
+                        m = responses.message() => m,
+                    },
                 };
-                let resp = match message {
-                    Ok(Some(resp)) => resp,
-                    Ok(None) => {
-                        let _ = tx
-                            .send(Err(StoreError::Unavailable(
-                                "etcd ended the watch stream; re-list and watch again".into(),
-                            )))
-                            .await;
-                        return;
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(map_error("watch", e))).await;
-                        return;
-                    }
+                let end = match message {
+                    Ok(Some(resp)) => forward(&tx, &resp, from_revision).await,
+                    Ok(None) => Some(StoreError::Unavailable(
+                        "etcd ended the watch stream; re-list and watch again".into(),
+                    )),
+                    Err(e) => Some(map_error("watch", e)),
                 };
-                if resp.compact_revision() > 0 {
-                    let _ = tx
-                        .send(Err(StoreError::Compacted {
-                            requested: from_revision,
-                            compact_revision: resp.compact_revision(),
-                        }))
-                        .await;
+                if let Some(err) = end {
+                    let _ = tx.send(Err(err)).await;
                     return;
                 }
-                for ev in resp.events() {
-                    let Some(kv) = ev.kv() else { continue };
-                    let event = match ev.event_type() {
-                        EventType::Put => convert(kv).map(Event::Put),
-                        EventType::Delete => convert(kv).map(|kv| Event::Delete {
-                            key: kv.key,
-                            mod_revision: kv.mod_revision,
-                        }),
-                    };
-                    let failed = event.is_err();
-                    if tx.send(event).await.is_err() || failed {
-                        return;
-                    }
-                }
-                if resp.canceled() {
-                    let reason = resp.cancel_reason();
-                    let _ = tx
-                        .send(Err(StoreError::Unavailable(format!(
-                            "etcd canceled the watch: {reason}"
-                        ))))
-                        .await;
+                if tx.is_closed() {
                     return;
                 }
             }
