@@ -105,10 +105,7 @@ pub async fn run_control_plane(
 ) -> anyhow::Result<()> {
     let cfg = settings::require_config(data_dir)?;
     if cfg.role != Role::ControlPlane {
-        bail!(
-            "{} belongs to a joined node; `meshd run` on nodes arrives with the mesh",
-            data_dir.display()
-        );
+        return run_node(data_dir, shutdown).await;
     }
     let s = cfg
         .cluster
@@ -157,6 +154,80 @@ pub async fn run_control_plane(
     let _ = stop_tx.send(true);
     let _ = server.await;
     Ok(())
+}
+
+/// How often a node renews its subnet lease (the lease lives 24 h).
+pub const LEASE_RENEW_EVERY: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
+
+/// Runs a joined node until `shutdown` resolves: renews its subnet lease through the API well before
+/// it expires, retrying with jittered backoff while the control plane is unreachable, and records a
+/// new subnet should the old lease have expired meanwhile.
+pub async fn run_node(
+    data_dir: &Path,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    use std::time::Duration;
+    let mut cfg = settings::require_config(data_dir)?;
+    let client = crate::join::node_client(data_dir)?;
+    let name = cfg
+        .joined
+        .as_ref()
+        .map(|j| j.name.clone())
+        .unwrap_or_default();
+    log(format!(
+        "node {name}: running; subnet lease renewed every {}h",
+        LEASE_RENEW_EVERY.as_secs() / 3600
+    ));
+    tokio::pin!(shutdown);
+    let mut backoff = Duration::from_secs(5);
+    loop {
+        let Some(j) = cfg.joined.clone() else {
+            bail!("meshd.json: a node without its join record");
+        };
+        let req = crate::api::RenewLeaseRequest { subnet: j.subnet };
+        let wait = match client
+            .call::<crate::api::RenewLeaseResponse>(
+                hyper::Method::POST,
+                "/v1/lease/renew",
+                Some(&req),
+            )
+            .await
+        {
+            Ok(r) => {
+                backoff = Duration::from_secs(5);
+                if r.subnet != j.subnet {
+                    log(format!("node {name}: the lease of {} had expired and was given away; new subnet {}", j.subnet, r.subnet));
+                    if let Some(jj) = cfg.joined.as_mut() {
+                        jj.subnet = r.subnet;
+                    }
+                    settings::save_config(data_dir, &cfg)?;
+                }
+                LEASE_RENEW_EVERY
+            }
+            Err(e) => {
+                log(format!(
+                    "node {name}: lease renewal failed ({e}); retrying in {}s",
+                    backoff.as_secs()
+                ));
+                let w = backoff + Duration::from_millis(u64::from(rand_u16()) % 1000);
+                backoff = (backoff * 2).min(Duration::from_secs(300));
+                w
+            }
+        };
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+    log(format!("node {name}: shutting down"));
+    Ok(())
+}
+
+fn rand_u16() -> u16 {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 2];
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    u16::from_le_bytes(b)
 }
 
 /// Resolves on SIGINT or SIGTERM.
