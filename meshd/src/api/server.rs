@@ -241,6 +241,15 @@ async fn route(
             },
             Err(e) => Err(e),
         },
+        (&Method::POST, "/v1/certs/renew") => match need_node(id) {
+            Ok(node) => match body::<NodeCsrs>(req).await {
+                Ok(r) => renew_certs(state, &node, r)
+                    .await
+                    .map(|r| json(StatusCode::OK, &r)),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        },
         (&Method::GET, "/v1/nodes") => match id {
             Identity::Anonymous => Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -472,11 +481,14 @@ async fn consume_token(
         let next = rec.consumed();
         let bytes = serde_json::to_vec(&next).map_err(ApiError::internal)?;
         let lease = (kv.lease != 0).then_some(kv.lease);
-        let _ = store
+        if store
             .compare_and_swap(&kv.key, kv.mod_revision, &bytes, lease)
             .await
-            .map_err(ApiError::internal)?;
-        return Ok(next);
+            .map_err(ApiError::internal)?
+            .is_some()
+        {
+            return Ok(next);
+        }
     }
     Err(ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -696,6 +708,15 @@ async fn renew_lease(
     Ok(RenewLeaseResponse {
         subnet: lease.subnet,
     })
+}
+
+/// Renews a node's certificates: authenticated by its current node certificate (no token), new keys
+/// and CSRs from the node, identity and SANs from its registration.
+async fn renew_certs(state: &ApiState, node: &str, csrs: NodeCsrs) -> Result<NodeCerts, ApiError> {
+    let (rec, _) = get_node(state.store.as_ref(), node).await?;
+    let certs = sign_node_csrs(state, node, &rec.addresses, &csrs, SystemTime::now())?;
+    log(format!("node {node}: certificates renewed"));
+    Ok(certs)
 }
 
 async fn list_nodes(state: &ApiState) -> Result<Vec<NodeRecord>, ApiError> {
