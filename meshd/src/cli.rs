@@ -363,7 +363,7 @@ fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
                     OutputFormat::Table => {
                         println!("{:<8} {:<22} {:<10} {:<6} DESCRIPTION", "ID", "EXPIRES", "USES LEFT", "USED");
                         for t in r {
-                            println!("{:<8} {:<22} {:<10} {:<6} {}", t.id, t.expires, t.uses_left.map(|u| u.to_string()).unwrap_or("unlimited".into()), t.used, t.description);
+                            println!("{:<8} {:<22} {:<10} {:<6} {}", t.id, t.expires, if t.revoked { "revoked".to_string() } else { t.uses_left.map(|u| u.to_string()).unwrap_or("unlimited".into()) }, t.used, t.description);
                         }
                     }
                 }

@@ -88,8 +88,7 @@ pub async fn join(o: &JoinOptions) -> anyhow::Result<JoinSummary> {
     if let Some(prev) = settings::load_config(&o.data_dir)? {
         match prev.role {
             Role::Node => bail!(
-                "{} already belongs to node {:?}, joined to {}: nothing done (a node joins once; \
-                 to join again with a new token after its certificates expired, use `meshd join --rejoin`)",
+                "{} already belongs to node {:?}, joined to {}: nothing done (a node joins once)",
                 o.data_dir.display(),
                 prev.joined.as_ref().map(|j| j.name.as_str()).unwrap_or(""),
                 prev.joined.as_ref().map(|j| j.server.as_str()).unwrap_or("")

@@ -107,14 +107,20 @@ pub struct TokenRecord {
     /// How many nodes it admitted.
     #[serde(default)]
     pub used: u32,
+    /// Revoked by an operator (kept until it expires, so the log can say why a join was refused).
+    #[serde(default)]
+    pub revoked: bool,
 }
 
 /// Why a token was refused. The caller only ever sees a generic message; this goes to the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
-    /// No record with that id (never existed, revoked, or cleaned up after expiry).
-    #[error("unknown or revoked token")]
+    /// No record with that id (never existed, or cleaned up after expiry).
+    #[error("unknown token")]
     Unknown,
+    /// Revoked by an operator.
+    #[error("revoked token")]
+    Revoked,
     /// Past its expiry.
     #[error("expired token")]
     Expired,
@@ -150,6 +156,7 @@ impl TokenRecord {
             expires: unix(now).saturating_add(ttl.as_secs()),
             uses_left: uses,
             used: 0,
+            revoked: false,
         }
     }
 
@@ -159,6 +166,9 @@ impl TokenRecord {
         let got = token.secret_hash();
         if token.id != self.id || want.ct_eq(got.as_bytes()).unwrap_u8() != 1 {
             return Err(Refusal::WrongSecret);
+        }
+        if self.revoked {
+            return Err(Refusal::Revoked);
         }
         if unix(now) >= self.expires {
             return Err(Refusal::Expired);
@@ -239,5 +249,8 @@ mod tests {
         assert_eq!(used.admit(&t, now()), Err(Refusal::UsedUp));
         let unlimited = TokenRecord::new(&t, Duration::from_secs(60), None, "", now()).consumed();
         assert_eq!(unlimited.admit(&t, now()), Ok(()));
+        let mut revoked = r.clone();
+        revoked.revoked = true;
+        assert_eq!(revoked.admit(&t, now()), Err(Refusal::Revoked));
     }
 }

@@ -82,7 +82,11 @@ fn tempdir(prefix: &str) -> tempfile::TempDir {
 /// Sends `sig` (`TERM`, `KILL`) to `pid` with kill(1).
 fn signal(pid: u32, sig: &str) {
     let out = run(Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]));
-    assert!(out.status.success(), "kill -{sig} {pid}: {}", describe(&out));
+    assert!(
+        out.status.success(),
+        "kill -{sig} {pid}: {}",
+        describe(&out)
+    );
 }
 
 /// Waits up to 15 s for `guard`'s process to exit; returns its exit status.
@@ -157,7 +161,10 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, String> {
                 stack.push(p.clone());
                 format!("dir {mode:o}")
             } else if md.file_type().is_symlink() {
-                format!("link -> {}", std::fs::read_link(&p).expect("link").display())
+                format!(
+                    "link -> {}",
+                    std::fs::read_link(&p).expect("link").display()
+                )
             } else {
                 let bytes = std::fs::read(&p).expect("read");
                 format!("file {mode:o} {}", base64_std(&bytes))
@@ -268,7 +275,12 @@ impl Etcd {
             .args(["--initial-advertise-peer-urls", &self.peer_url])
             .args(["--initial-cluster", &format!("cp1={}", self.peer_url)])
             .args(["--initial-cluster-state", "new"])
-            .args(["--cert-file", &p("server.crt"), "--key-file", &p("server.key")])
+            .args([
+                "--cert-file",
+                &p("server.crt"),
+                "--key-file",
+                &p("server.key"),
+            ])
             .args(["--trusted-ca-file", &p("ca.crt"), "--client-cert-auth"])
             .args(["--peer-cert-file", &p("peer.crt")])
             .args(["--peer-key-file", &p("peer.key")])
@@ -309,7 +321,12 @@ impl Etcd {
             .args(["--endpoints", &self.client_url])
             .args(["--dial-timeout", "2s", "--command-timeout", "5s"])
             .args(["--cacert", &p("ca.crt")])
-            .args(["--cert", &p("meshd-client.crt"), "--key", &p("meshd-client.key")])
+            .args([
+                "--cert",
+                &p("meshd-client.crt"),
+                "--key",
+                &p("meshd-client.key"),
+            ])
             .args(args))
     }
 
@@ -528,7 +545,12 @@ impl ControlPlane {
             let l = self.log();
             l.contains(needle).then_some(l)
         })
-        .unwrap_or_else(|| panic!("the control plane's log never said {needle:?}:\n{}", self.log()))
+        .unwrap_or_else(|| {
+            panic!(
+                "the control plane's log never said {needle:?}:\n{}",
+                self.log()
+            )
+        })
     }
 
     /// `meshd token create --output json` with `extra` options.
@@ -543,7 +565,11 @@ impl ControlPlane {
         ];
         args.extend_from_slice(extra);
         let v: serde_json::Value = serde_json::from_str(&meshd_ok(&args)).expect("token json");
-        let s = |k: &str| v[k].as_str().unwrap_or_else(|| panic!("{k} in {v}")).to_owned();
+        let s = |k: &str| {
+            v[k].as_str()
+                .unwrap_or_else(|| panic!("{k} in {v}"))
+                .to_owned()
+        };
         let token = s("token");
         NewToken {
             id: token.split('.').next().expect("id").to_owned(),
@@ -630,7 +656,11 @@ impl ControlPlane {
             self.log()
         );
         let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("join json");
-        v["subnet"].as_str().expect("subnet").parse().expect("subnet")
+        v["subnet"]
+            .as_str()
+            .expect("subnet")
+            .parse()
+            .expect("subnet")
     }
 }
 
@@ -689,10 +719,11 @@ async fn api_join(client: &ApiClient, req: &JoinRequest) -> Result<JoinResponse,
 }
 
 /// Expects an error answer with `status`; returns its message.
-fn expect_status<T: std::fmt::Debug>(r: Result<T, ClientError>, status: u16, what: &str) -> String {
+fn expect_status<T>(r: Result<T, ClientError>, status: u16, what: &str) -> String {
     match r {
         Err(ClientError::Status { status: s, message }) if s == status => message,
-        other => panic!("{what}: expected an error answer with status {status}, got {other:?}"),
+        Err(e) => panic!("{what}: expected an error answer with status {status}, got: {e}"),
+        Ok(_) => panic!("{what}: expected an error answer with status {status}, got a success"),
     }
 }
 
@@ -700,8 +731,8 @@ fn expect_status<T: std::fmt::Debug>(r: Result<T, ClientError>, status: u16, wha
 /// The body is written concurrently with reading the answer (the server may answer and close before
 /// reading it). Returns the status and the answer's body.
 async fn raw_request(server: &str, ca_hash: &str, head: String, body: Vec<u8>) -> (u16, String) {
-    let cfg = pinned_client_config(Arc::new(PinnedCaVerifier::new(ca_hash).expect("pin")))
-        .expect("tls");
+    let cfg =
+        pinned_client_config(Arc::new(PinnedCaVerifier::new(ca_hash).expect("pin"))).expect("tls");
     let tcp = tokio::net::TcpStream::connect(server)
         .await
         .expect("connect");
@@ -825,7 +856,10 @@ fn join_end_to_end_on_loopback() {
     // The token and its pin, as `meshd token create` prints them.
     let t = cp.token(&[]);
     let (id, secret) = t.token.split_once('.').expect("id.secret");
-    let alnum = |s: &str| s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    let alnum = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    };
     assert!(
         id.len() == 6 && secret.len() == 16 && alnum(id) && alnum(secret),
         "token {:?} is not of kubeadm's form",
@@ -862,8 +896,16 @@ fn join_end_to_end_on_loopback() {
 
     // Every issued certificate chains to the cluster CA, for its purpose; a foreign CA refuses them.
     let certs = [
-        ("kubelet/pki/kubelet.crt", "sslserver", "CN=system:node:n1,O=system:nodes"),
-        ("pki/meshd/node.crt", "sslclient", "CN=system:node:n1,O=system:nodes"),
+        (
+            "kubelet/pki/kubelet.crt",
+            "sslserver",
+            "CN=system:node:n1,O=system:nodes",
+        ),
+        (
+            "pki/meshd/node.crt",
+            "sslclient",
+            "CN=system:node:n1,O=system:nodes",
+        ),
         (
             "kubelet/pki/kubelet-client-current.pem",
             "sslclient",
@@ -918,7 +960,11 @@ fn join_end_to_end_on_loopback() {
             "-o",
             "json",
         ]));
-        assert!(out.status.success(), "kubectl config view {conf}: {}", describe(&out));
+        assert!(
+            out.status.success(),
+            "kubectl config view {conf}: {}",
+            describe(&out)
+        );
         let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("kubectl json");
         assert_eq!(v["users"][0]["name"], user, "{conf}: {v}");
         let cert = v["users"][0]["user"]["client-certificate-data"]
@@ -927,7 +973,10 @@ fn join_end_to_end_on_loopback() {
         let key = v["users"][0]["user"]["client-key-data"]
             .as_str()
             .unwrap_or_default();
-        assert!(!cert.is_empty() && !key.is_empty(), "{conf}: credentials not readable: {v}");
+        assert!(
+            !cert.is_empty() && !key.is_empty(),
+            "{conf}: credentials not readable: {v}"
+        );
         assert_eq!(
             v["clusters"][0]["cluster"]["certificate-authority-data"]
                 .as_str()
@@ -939,7 +988,11 @@ fn join_end_to_end_on_loopback() {
 
     // meshd's own check of the node.
     let out = meshd(&["certs", "check", "--data-dir", path_str(&n1)]);
-    assert!(out.status.success(), "certs check on the node: {}", describe(&out));
+    assert!(
+        out.status.success(),
+        "certs check on the node: {}",
+        describe(&out)
+    );
 
     // Private keys never left the node: four distinct keys (one per certificate) and the WireGuard
     // key are in the node's directory, private to their owner, and nowhere in the control plane's
@@ -954,7 +1007,12 @@ fn join_end_to_end_on_loopback() {
         let blocks = private_key_blocks(&text);
         if !blocks.is_empty() {
             let mode = std::fs::metadata(&f).unwrap().permissions().mode();
-            assert_eq!(mode & 0o077, 0, "{} holds a key and has mode {mode:o}", f.display());
+            assert_eq!(
+                mode & 0o077,
+                0,
+                "{} holds a key and has mode {mode:o}",
+                f.display()
+            );
         }
         bodies.extend(blocks);
     }
@@ -964,9 +1022,21 @@ fn join_end_to_end_on_loopback() {
         let der = base64::engine::general_purpose::STANDARD
             .decode(body)
             .expect("key base64");
-        assert_eq!(find_in_tree(cp_root, body.as_bytes()), None, "a node key (PEM) on the control plane");
-        assert_eq!(find_in_tree(cp_root, &body.as_bytes()[..64]), None, "a node key line on the control plane");
-        assert_eq!(find_in_tree(cp_root, &der), None, "a node key (DER) on the control plane");
+        assert_eq!(
+            find_in_tree(cp_root, body.as_bytes()),
+            None,
+            "a node key (PEM) on the control plane"
+        );
+        assert_eq!(
+            find_in_tree(cp_root, &body.as_bytes()[..64]),
+            None,
+            "a node key line on the control plane"
+        );
+        assert_eq!(
+            find_in_tree(cp_root, &der),
+            None,
+            "a node key (DER) on the control plane"
+        );
     }
     let wg_private = read(&n1.join("wireguard/private.key")).trim().to_owned();
     let wg_raw = base64::engine::general_purpose::STANDARD
@@ -984,7 +1054,10 @@ fn join_end_to_end_on_loopback() {
     let t2 = cp.token(&[]);
     let before = snapshot(&n1);
     let out = cp.join(&n1, "n1", "127.0.0.2", &t2.token, &t2.ca_hash);
-    assert!(!out.status.success(), "a second join on a joined node succeeded");
+    assert!(
+        !out.status.success(),
+        "a second join on a joined node succeeded"
+    );
     assert!(
         stderr(&out).contains(&format!("{} already belongs to node \"n1\"", n1.display()))
             && stderr(&out).contains("nothing done"),
@@ -1010,7 +1083,11 @@ fn join_end_to_end_on_loopback() {
         .iter()
         .all(|f| private_key_blocks(&std::fs::read_to_string(f).unwrap_or_default()).is_empty()));
     assert_eq!(cp.nodes(), nodes, "the registry changed");
-    assert_eq!(cp.token_info(&t2.id).used, 0, "the token was spent on a refused join");
+    assert_eq!(
+        cp.token_info(&t2.id).used,
+        0,
+        "the token was spent on a refused join"
+    );
 
     // Without a valid token, the same attempt learns nothing (not even that n1 exists).
     let rt = runtime();
@@ -1019,7 +1096,10 @@ fn join_end_to_end_on_loopback() {
         &cp.pinned(&t2.ca_hash),
         &join_request(&bogus, "n1", "127.0.0.3".parse().unwrap()),
     ));
-    assert_eq!(expect_status(r, 403, "bad token, taken name"), GENERIC_REFUSAL);
+    assert_eq!(
+        expect_status(r, 403, "bad token, taken name"),
+        GENERIC_REFUSAL
+    );
 
     // The unspent token still admits a node with a name of its own.
     let s2 = cp.join_ok(&n1b, "n2", "127.0.0.3", &t2);
@@ -1125,7 +1205,11 @@ fn csr_for_another_node_is_refused_and_the_token_kept() {
     let names: Vec<String> = cp.nodes().into_iter().map(|n| n.name).collect();
     assert_eq!(names, ["n1"]);
     let info = cp.token_info(&t.id);
-    assert_eq!((info.uses_left, info.used), (Some(1), 0), "the token was spent");
+    assert_eq!(
+        (info.uses_left, info.used),
+        (Some(1), 0),
+        "the token was spent"
+    );
     assert!(!cp.log().contains("node n2 joined"));
 
     // The same single-use token then admits n2 when it asks only for its own certificates.
@@ -1150,35 +1234,80 @@ fn bad_tokens_are_refused_alike_and_logged_apart() {
     let expired = cp.token(&["--ttl", "1s"]);
     let expired_at = Instant::now();
     let revoked = cp.token(&[]);
-    meshd_ok(&["token", "revoke", "--data-dir", path_str(&cp.dir), &revoked.id]);
-    assert!(cp.tokens().iter().all(|t| t.id != revoked.id));
+    meshd_ok(&[
+        "token",
+        "revoke",
+        "--data-dir",
+        path_str(&cp.dir),
+        &revoked.id,
+    ]);
+    // Revoked tokens stay listed, marked, until they expire.
+    assert!(cp.tokens().iter().any(|t| t.id == revoked.id && t.revoked));
+    assert!(cp.tokens().iter().any(|t| t.id == good.id && !t.revoked));
     let reused = cp.token(&[]);
     cp.join_ok(&dir("first"), "first", "127.0.0.2", &reused);
 
     let (gid, gsecret) = good.token.split_once('.').unwrap();
     let first = if gsecret.starts_with('a') { 'b' } else { 'a' };
     let wrong_secret = format!("{gid}.{first}{}", &gsecret[1..]);
-    let unknown_id = if good.id == "zz0000" { "zz0001" } else { "zz0000" };
+    let unknown_id = if good.id == "zz0000" {
+        "zz0001"
+    } else {
+        "zz0000"
+    };
     let unknown = format!("{unknown_id}.0123456789abcdef");
     if let Some(wait) = Duration::from_millis(2100).checked_sub(expired_at.elapsed()) {
         std::thread::sleep(wait);
     }
     let cases = [
-        ("wrong-secret", wrong_secret.as_str(), gid, "wrong token secret"),
-        ("unknown", unknown.as_str(), unknown_id, "unknown or revoked token"),
-        ("expired", expired.token.as_str(), expired.id.as_str(), "expired token"),
-        ("revoked", revoked.token.as_str(), revoked.id.as_str(), "unknown or revoked token"),
-        ("reused", reused.token.as_str(), reused.id.as_str(), "token already used up"),
+        (
+            "wrong-secret",
+            wrong_secret.as_str(),
+            gid,
+            "wrong token secret",
+        ),
+        ("unknown", unknown.as_str(), unknown_id, "unknown token"),
+        (
+            "expired",
+            expired.token.as_str(),
+            expired.id.as_str(),
+            "expired token",
+        ),
+        (
+            "revoked",
+            revoked.token.as_str(),
+            revoked.id.as_str(),
+            "revoked token",
+        ),
+        (
+            "reused",
+            reused.token.as_str(),
+            reused.id.as_str(),
+            "token already used up",
+        ),
     ];
     let mut messages = BTreeSet::new();
     for (i, (name, token, id, reason)) in cases.into_iter().enumerate() {
         let d = dir(name);
-        let out = cp.join(&d, name, &format!("127.0.0.{}", 10 + i), token, &good.ca_hash);
+        let out = cp.join(
+            &d,
+            name,
+            &format!("127.0.0.{}", 10 + i),
+            token,
+            &good.ca_hash,
+        );
         assert!(!out.status.success(), "{name}: the join succeeded");
-        assert!(stderr(&out).contains(GENERIC_REFUSAL), "{name}: {}", describe(&out));
+        assert!(
+            stderr(&out).contains(GENERIC_REFUSAL),
+            "{name}: {}",
+            describe(&out)
+        );
         messages.insert(stderr(&out));
         cp.wait_log(&format!("join refused: token {id}: {reason}\n"));
-        assert!(!d.join("meshd.json").exists(), "{name}: the node wrote its settings");
+        assert!(
+            !d.join("meshd.json").exists(),
+            "{name}: the node wrote its settings"
+        );
     }
     assert_eq!(
         messages.len(),
@@ -1188,7 +1317,10 @@ fn bad_tokens_are_refused_alike_and_logged_apart() {
     // The wrong secret did not spend the real token.
     cp.join_ok(&dir("good"), "good", "127.0.0.20", &good);
     let names: BTreeSet<String> = cp.nodes().into_iter().map(|n| n.name).collect();
-    assert_eq!(names, BTreeSet::from(["first".to_owned(), "good".to_owned()]));
+    assert_eq!(
+        names,
+        BTreeSet::from(["first".to_owned(), "good".to_owned()])
+    );
 }
 
 #[test]
@@ -1224,8 +1356,18 @@ fn wrong_ca_hash_stops_the_join_before_the_token_is_sent() {
         assert!(!d.join("meshd.json").exists());
     }
     // A malformed pin is refused before any connection.
-    let out = cp.join(&nodes_root.path().join("x"), "n1", "127.0.0.2", &t.token, "sha256:xyz");
-    assert!(!out.status.success() && stderr(&out).contains("--ca-hash"), "{}", describe(&out));
+    let out = cp.join(
+        &nodes_root.path().join("x"),
+        "n1",
+        "127.0.0.2",
+        &t.token,
+        "sha256:xyz",
+    );
+    assert!(
+        !out.status.success() && stderr(&out).contains("--ca-hash"),
+        "{}",
+        describe(&out)
+    );
 
     assert_eq!(cp.token_info(&t.id).used, 0);
     assert!(cp.nodes().is_empty());
@@ -1305,7 +1447,10 @@ fn oversized_and_malformed_requests_change_nothing() {
             body.clone().into_bytes(),
         ));
         assert_eq!(status, 400, "{body:?}: {answer}");
-        assert!(answer.contains("malformed JSON request"), "{body:?}: {answer}");
+        assert!(
+            answer.contains("malformed JSON request"),
+            "{body:?}: {answer}"
+        );
     }
 
     // The store is unchanged, and the token untouched.
@@ -1397,11 +1542,8 @@ fn concurrent_joins(backend: Backend) {
             }
         }
         // The registry agrees, and (on etcd) so do the lease keys.
-        let listed: BTreeMap<String, Ipv4Net> = cp
-            .nodes()
-            .into_iter()
-            .map(|n| (n.name, n.subnet))
-            .collect();
+        let listed: BTreeMap<String, Ipv4Net> =
+            cp.nodes().into_iter().map(|n| (n.name, n.subnet)).collect();
         assert_eq!(listed, got, "node list");
         if backend == Backend::Etcd {
             let keys = cp.etcd().keys("/coreos.com/network/subnets/");
@@ -1447,10 +1589,9 @@ fn concurrent_joins(backend: Backend) {
                 let (name, r) = task.await.expect("task");
                 match r {
                     Ok(_) => admitted.push(name),
-                    Err(e) => assert_eq!(
-                        expect_status(Err::<(), _>(e), 403, &name),
-                        GENERIC_REFUSAL
-                    ),
+                    Err(e) => {
+                        assert_eq!(expect_status(Err::<(), _>(e), 403, &name), GENERIC_REFUSAL)
+                    }
                 }
             }
             assert_eq!(admitted.len(), 1, "round {round}: admitted {admitted:?}");
@@ -1463,7 +1604,9 @@ fn concurrent_joins(backend: Backend) {
             assert_eq!(racers, admitted, "round {round}: registry");
             let info = cp.token_info(&id);
             assert_eq!((info.uses_left, info.used), (Some(0), 1), "round {round}");
-            cp.wait_log(&format!("join refused: token {id}: token already used up\n"));
+            cp.wait_log(&format!(
+                "join refused: token {id}: token already used up\n"
+            ));
         }
     });
     assert_eq!(cp.nodes().len(), N + ROUNDS);
@@ -1486,7 +1629,11 @@ fn concurrent_joins_etcd() {
 // ---------------------------------------------------------------------------------------------
 
 /// The lease key's state in the embedded store of a stopped control plane.
-fn embedded_lease_state(rt: &tokio::runtime::Runtime, cp: &ControlPlane, key: &str) -> Option<LeaseState> {
+fn embedded_lease_state(
+    rt: &tokio::runtime::Runtime,
+    cp: &ControlPlane,
+    key: &str,
+) -> Option<LeaseState> {
     use meshd::store::Store;
     assert!(cp.run.is_none(), "stop the control plane first");
     rt.block_on(async {
@@ -1549,7 +1696,10 @@ fn lease_survives_restart(backend: Backend) {
     .unwrap_or_else(|| panic!("{key} is not in the store"));
     assert_ne!(before.lease, 0, "the lease key has no store lease");
     assert_eq!(before.attrs.public_ip, Ipv4Addr::new(127, 0, 0, 2));
-    assert_eq!(before.attrs.meshd.as_ref().map(|m| m.node.as_str()), Some("n1"));
+    assert_eq!(
+        before.attrs.meshd.as_ref().map(|m| m.node.as_str()),
+        Some("n1")
+    );
 
     // 1: a graceful restart of meshd run.
     cp.stop();
@@ -1571,7 +1721,10 @@ fn lease_survives_restart(backend: Backend) {
     cp.start();
     check_n1_kept(&rt, &cp, &n1, subnet);
     let n3 = cp.join_ok(&nodes_root.path().join("n3"), "n3", "127.0.0.4", &t);
-    assert!(n3 != subnet && n3 != n2, "n3 got {n3}, n1 has {subnet}, n2 {n2}");
+    assert!(
+        n3 != subnet && n3 != n2,
+        "n3 got {n3}, n1 has {subnet}, n2 {n2}"
+    );
 
     // The lease key is the very same one: same revisions and store lease (renewals kept it alive,
     // nothing re-created it).
@@ -1587,7 +1740,10 @@ fn lease_survives_restart(backend: Backend) {
     if backend == Backend::Etcd {
         let (granted, remaining) = cp.etcd().lease_ttl(before.lease);
         assert_eq!(granted, 24 * 3600, "lease TTL");
-        assert!(remaining > 24 * 3600 - 120, "lease not renewed: {remaining} s left");
+        assert!(
+            remaining > 24 * 3600 - 120,
+            "lease not renewed: {remaining} s left"
+        );
     }
     if cp.run.is_none() {
         cp.start();

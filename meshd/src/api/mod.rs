@@ -149,6 +149,9 @@ pub struct TokenInfo {
     pub uses_left: Option<u32>,
     /// Nodes admitted.
     pub used: u32,
+    /// Revoked (kept until it expires).
+    #[serde(default)]
+    pub revoked: bool,
 }
 
 /// The body of every error answer.

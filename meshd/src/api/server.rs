@@ -356,10 +356,13 @@ pub fn sign_node_csrs(
 ) -> Result<NodeCerts, ApiError> {
     let node_cn = format!("system:node:{name}");
     let sign = |what: &str, pem: &str, policy: SigningPolicy| -> Result<String, ApiError> {
-        let csr = csr::parse_csr_pem(pem, &state.csr_limits)
-            .map_err(|e| ApiError::bad(format!("{what}: {e}")))?;
+        let csr = csr::parse_csr_pem(pem, &state.csr_limits).map_err(|e| {
+            log(format!("node {name}: {what} refused: {e}"));
+            ApiError::bad(format!("{what}: {e}"))
+        })?;
         let cert = csr::sign_csr(&state.ca, &csr, &policy, now).map_err(|e| match e {
             pki::PkiError::PolicyViolation { .. } | pki::PkiError::BadCsr(_) => {
+                log(format!("node {name}: {what} refused: {e}"));
                 ApiError::new(StatusCode::FORBIDDEN, format!("{what}: {e}"))
             }
             other => ApiError::internal(other),
@@ -823,6 +826,7 @@ async fn list_tokens(state: &ApiState) -> Result<Vec<TokenInfo>, ApiError> {
             expires: pki::time::rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(rec.expires)),
             uses_left: rec.uses_left,
             used: rec.used,
+            revoked: rec.revoked,
         });
     }
     Ok(out)
@@ -838,20 +842,37 @@ async fn revoke_token(state: &ApiState, id: &str) -> Result<(), ApiError> {
             "token id {id:?} is not of the form [a-z0-9]{{6}}"
         )));
     }
-    if state
-        .store
-        .delete(&tokens::key(id), None)
-        .await
-        .map_err(ApiError::internal)?
-    {
-        log(format!("token {id} revoked"));
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("no token with id {id}"),
-        ))
+    // Kept as a revoked record until it expires, so a later join with it is logged as "revoked".
+    let store = state.store.as_ref();
+    for _ in 0..16 {
+        let Some(kv) = store
+            .get(&tokens::key(id))
+            .await
+            .map_err(ApiError::internal)?
+        else {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no token with id {id}"),
+            ));
+        };
+        let mut rec: TokenRecord = serde_json::from_slice(&kv.value).map_err(ApiError::internal)?;
+        rec.revoked = true;
+        let bytes = serde_json::to_vec(&rec).map_err(ApiError::internal)?;
+        let lease = (kv.lease != 0).then_some(kv.lease);
+        if store
+            .compare_and_swap(&kv.key, kv.mod_revision, &bytes, lease)
+            .await
+            .map_err(ApiError::internal)?
+            .is_some()
+        {
+            log(format!("token {id} revoked"));
+            return Ok(());
+        }
     }
+    Err(ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "token busy; retry",
+    ))
 }
 
 #[cfg(test)]

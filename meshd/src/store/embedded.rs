@@ -39,7 +39,7 @@ use redb::{
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use super::{Event, KeyValue, LeaseId, Listing, Store, StoreError, Watch};
+use super::{Compare, Event, KeyValue, LeaseId, Listing, Store, StoreError, TxnOp, Watch};
 
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
@@ -886,12 +886,7 @@ impl Writer<'_> {
         lease: LeaseId,
         prev: Option<Record>,
     ) -> Result<KeyValue, StoreError> {
-        if lease != 0 {
-            match self.lease(lease)? {
-                Some(l) if !l.expired(self.now_ms) => {}
-                _ => return Err(StoreError::LeaseNotFound(lease)),
-            }
-        }
+        self.check_lease(lease)?;
         let rev = self.pending_revision();
         let (create_revision, version) = match &prev {
             Some(p) => (p.create_revision, p.version + 1),
@@ -924,6 +919,55 @@ impl Writer<'_> {
         let kv = rec.into_kv(key);
         self.events.push(Event::Put(kv.clone()));
         Ok(kv)
+    }
+
+    /// A transaction ([`Store::txn`]): checks every compare, then every lease, and only then
+    /// writes, so a refused transaction writes nothing.
+    fn txn(&mut self, compares: &[Compare], ops: &[TxnOp]) -> Result<Option<i64>, StoreError> {
+        for c in compares {
+            let current = self.record(&c.key)?.map_or(0, |r| r.mod_revision);
+            if current != c.mod_revision {
+                return Ok(None);
+            }
+        }
+        for op in ops {
+            if let TxnOp::Put {
+                lease: Some(lease), ..
+            } = op
+            {
+                self.check_lease(*lease)?;
+            }
+        }
+        for op in ops {
+            match op {
+                TxnOp::Put { key, value, lease } => {
+                    let prev = self.record(key)?;
+                    self.put(key, value, lease.unwrap_or(0), prev)?;
+                }
+                TxnOp::Delete { key } => {
+                    if let Some(prev) = self.record(key)? {
+                        self.delete(key, &prev)?;
+                    }
+                }
+            }
+        }
+        // The revision the events get, or the current one when nothing changed.
+        Ok(Some(if self.events.is_empty() {
+            self.revision
+        } else {
+            self.pending_revision()
+        }))
+    }
+
+    /// [`StoreError::LeaseNotFound`] unless lease `id` (0: none) exists and has not expired.
+    fn check_lease(&self, id: LeaseId) -> Result<(), StoreError> {
+        if id == 0 {
+            return Ok(());
+        }
+        match self.lease(id)? {
+            Some(l) if !l.expired(self.now_ms) => Ok(()),
+            _ => Err(StoreError::LeaseNotFound(id)),
+        }
     }
 
     /// Deletes `key`, whose current state is `prev`.
@@ -1153,6 +1197,26 @@ impl Store for EmbeddedStore {
             })
         })
         .await
+    }
+
+    async fn txn(&self, compares: &[Compare], ops: &[TxnOp]) -> Result<Option<i64>, StoreError> {
+        for key in compares
+            .iter()
+            .map(|c| c.key.as_str())
+            .chain(ops.iter().map(|op| op.key()))
+        {
+            check_key(key)?;
+        }
+        let mut seen = std::collections::HashSet::with_capacity(ops.len());
+        if let Some(dup) = ops.iter().map(|op| op.key()).find(|k| !seen.insert(*k)) {
+            // As etcd: "duplicate key given in txn request".
+            return Err(StoreError::Other(format!(
+                "key {dup:?} is written more than once in one transaction"
+            )));
+        }
+        let (compares, ops) = (compares.to_vec(), ops.to_vec());
+        self.blocking(move |i| i.write(now_ms(), |w| w.txn(&compares, &ops)))
+            .await
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {

@@ -5,6 +5,8 @@
 //!   revision);
 //! * `create`, `compare_and_swap`, conditional `delete`: one transaction comparing the key's
 //!   `create_revision` (absent) or `mod_revision`, whose success branch also reads the key back;
+//! * `txn`: one etcd transaction, its compares on `create_revision` (absent) or `mod_revision`, its
+//!   writes in the success branch;
 //! * leases: etcd's own (etcd may raise a short TTL to its minimum, about 2 s by default);
 //! * `watch`: one gRPC watch stream per watch, forwarded by a task that ends with
 //!   [`StoreError::Compacted`] when etcd reports the start revision compacted.
@@ -218,6 +220,21 @@ fn check_key(key: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// etcd's comparison for "the key's `mod_revision` is `expected`" (0: the key does not exist).
+fn revision_compare(key: &str, expected: i64) -> Compare {
+    if expected == 0 {
+        Compare::create_revision(key, CompareOp::Equal, 0)
+    } else {
+        Compare::mod_revision(key, CompareOp::Equal, expected)
+    }
+}
+
+fn put_options(lease: Option<LeaseId>) -> Option<PutOptions> {
+    lease
+        .filter(|l| *l != 0)
+        .map(|l| PutOptions::new().with_lease(l))
+}
+
 /// The key read back by the `get` that follows the write in a successful transaction.
 fn written_kv(resp: &TxnResponse, key: &str) -> Result<Option<KeyValue>, StoreError> {
     if !resp.succeeded() {
@@ -322,17 +339,12 @@ impl Store for EtcdStore {
         lease: Option<LeaseId>,
     ) -> Result<Option<KeyValue>, StoreError> {
         check_key(key)?;
-        let compare = if expected == 0 {
-            Compare::create_revision(key, CompareOp::Equal, 0)
-        } else {
-            Compare::mod_revision(key, CompareOp::Equal, expected)
-        };
-        let put_opts = lease
-            .filter(|l| *l != 0)
-            .map(|l| PutOptions::new().with_lease(l));
         let txn = Txn::new()
-            .when([compare])
-            .and_then([TxnOp::put(key, value, put_opts), TxnOp::get(key, None)]);
+            .when([revision_compare(key, expected)])
+            .and_then([
+                TxnOp::put(key, value, put_options(lease)),
+                TxnOp::get(key, None),
+            ]);
         let mut kv = self.client.kv_client();
         let resp = match tokio::time::timeout(REQUEST_TIMEOUT, kv.txn(txn)).await {
             Ok(Ok(resp)) => resp,
@@ -369,6 +381,60 @@ impl Store for EtcdStore {
                         .any(|op| matches!(op, TxnOpResponse::Delete(d) if d.deleted() > 0)))
             }
         }
+    }
+
+    async fn txn(
+        &self,
+        compares: &[super::Compare],
+        ops: &[super::TxnOp],
+    ) -> Result<Option<i64>, StoreError> {
+        for key in compares
+            .iter()
+            .map(|c| c.key.as_str())
+            .chain(ops.iter().map(|op| op.key()))
+        {
+            check_key(key)?;
+        }
+        let when: Vec<Compare> = compares
+            .iter()
+            .map(|c| revision_compare(&c.key, c.mod_revision))
+            .collect();
+        let then: Vec<TxnOp> = ops
+            .iter()
+            .map(|op| match op {
+                super::TxnOp::Put { key, value, lease } => {
+                    TxnOp::put(key.as_str(), value.as_slice(), put_options(*lease))
+                }
+                super::TxnOp::Delete { key } => TxnOp::delete(key.as_str(), None),
+            })
+            .collect();
+        // The lease named by a "lease not found" error (etcd does not say which, when several).
+        let lease = ops.iter().find_map(|op| match op {
+            super::TxnOp::Put { lease: Some(l), .. } if *l != 0 => Some(*l),
+            _ => None,
+        });
+        let txn = Txn::new().when(when).and_then(then);
+        let mut kv = self.client.kv_client();
+        let resp = match tokio::time::timeout(REQUEST_TIMEOUT, kv.txn(txn)).await {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) if lease.is_some() && is_lease_not_found(&e) => {
+                return Err(StoreError::LeaseNotFound(lease.unwrap_or(0)))
+            }
+            Ok(Err(e)) => return Err(map_error("transaction", e)),
+            Err(_) => {
+                return Err(StoreError::Unavailable(format!(
+                    "etcd transaction: no answer within {REQUEST_TIMEOUT:?}"
+                )))
+            }
+        };
+        if !resp.succeeded() {
+            return Ok(None);
+        }
+        let revision = resp
+            .header()
+            .map(|h| h.revision())
+            .ok_or_else(|| StoreError::Other("etcd transaction: response without header".into()))?;
+        Ok(Some(revision))
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {

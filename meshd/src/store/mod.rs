@@ -6,6 +6,8 @@
 //! * every write bumps a store-wide `revision`; each key carries `create_revision`, `mod_revision` and
 //!   `version` (number of writes since creation);
 //! * conditional writes compare a key's `mod_revision` (0 = the key must not exist);
+//! * a transaction ([`Store::txn`]) applies several writes atomically, in one revision, when all of
+//!   its comparisons hold;
 //! * leases have a TTL; when a lease expires (or is revoked) every key attached to it is deleted;
 //! * a watch streams the events of a prefix from a revision on; asking for a revision older than the
 //!   compacted history yields [`StoreError::Compacted`], and the caller re-lists.
@@ -67,6 +69,74 @@ impl Event {
         match self {
             Event::Put(kv) => kv.mod_revision,
             Event::Delete { mod_revision, .. } => *mod_revision,
+        }
+    }
+}
+
+/// A condition of a transaction ([`Store::txn`]): the key's `mod_revision` equals `mod_revision`
+/// (0 = the key must not exist).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Compare {
+    /// The key compared.
+    pub key: String,
+    /// The `mod_revision` the key must have; 0: the key must not exist.
+    pub mod_revision: i64,
+}
+
+impl Compare {
+    /// The key's `mod_revision` must be `mod_revision` (0: the key must not exist).
+    pub fn mod_revision(key: impl Into<String>, mod_revision: i64) -> Self {
+        Compare {
+            key: key.into(),
+            mod_revision,
+        }
+    }
+
+    /// The key must not exist.
+    pub fn absent(key: impl Into<String>) -> Self {
+        Self::mod_revision(key, 0)
+    }
+}
+
+/// A write of a transaction ([`Store::txn`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TxnOp {
+    /// Writes `key` (creating it or updating it), attached to `lease` (`None` or `Some(0)`: no
+    /// lease; like etcd, rewriting a key without a lease detaches it from its old one).
+    Put {
+        /// The key.
+        key: String,
+        /// The new value.
+        value: Vec<u8>,
+        /// The lease to attach the key to.
+        lease: Option<LeaseId>,
+    },
+    /// Deletes `key` (nothing happens when it does not exist).
+    Delete {
+        /// The key.
+        key: String,
+    },
+}
+
+impl TxnOp {
+    /// A [`TxnOp::Put`].
+    pub fn put(key: impl Into<String>, value: impl Into<Vec<u8>>, lease: Option<LeaseId>) -> Self {
+        TxnOp::Put {
+            key: key.into(),
+            value: value.into(),
+            lease,
+        }
+    }
+
+    /// A [`TxnOp::Delete`].
+    pub fn delete(key: impl Into<String>) -> Self {
+        TxnOp::Delete { key: key.into() }
+    }
+
+    /// The key written.
+    pub fn key(&self) -> &str {
+        match self {
+            TxnOp::Put { key, .. } | TxnOp::Delete { key } => key,
         }
     }
 }
@@ -145,6 +215,19 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes `key` only if its `mod_revision` is `expected` (`None`: unconditionally). Returns
     /// whether a key was deleted.
     async fn delete(&self, key: &str, expected: Option<i64>) -> Result<bool, StoreError>;
+
+    /// Applies every op of `ops` atomically, in one revision, if every compare of `compares` holds
+    /// (etcd's `Txn`, success branch only). `Ok(Some(revision))` when applied: the store's revision
+    /// after the transaction, which is the `mod_revision` of every key it wrote (and of its delete
+    /// events); a watch sees the transaction's events in the order of `ops`, all with that
+    /// revision. A transaction that changed nothing (no ops, or only deletions of missing keys)
+    /// does not create a revision and returns the current one. `Ok(None)` when a compare failed:
+    /// nothing was written.
+    ///
+    /// Errors: [`StoreError::LeaseNotFound`] when a put's lease does not exist (nothing written;
+    /// only checked when the compares hold); [`StoreError::Other`] for an empty key or a key
+    /// written by more than one op (etcd refuses duplicate keys in a transaction).
+    async fn txn(&self, compares: &[Compare], ops: &[TxnOp]) -> Result<Option<i64>, StoreError>;
 
     /// Grants a lease with `ttl` (rounded up to whole seconds, at least 1 s).
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError>;
