@@ -124,6 +124,19 @@ pub async fn list(
     Ok(out)
 }
 
+/// The subnets leased under `prefix`, from the keys alone (a linearizable read).
+pub async fn taken_subnets(
+    store: &dyn Store,
+    prefix: &str,
+) -> Result<BTreeSet<Ipv4Net>, LeaseError> {
+    let listing = store.list(&subnets_prefix(prefix)).await?;
+    Ok(listing
+        .kvs
+        .iter()
+        .filter_map(|kv| overlay::parse_lease_key(prefix, &kv.key))
+        .collect())
+}
+
 /// Acquires a subnet for `attrs.meshd.node`, in flannel's order (see the module docs).
 pub async fn acquire(
     store: &dyn Store,

@@ -472,56 +472,6 @@ async fn admit_token(
     Ok((kv, rec))
 }
 
-/// Consumes one use of the token with compare-and-swap (retried on conflict): two concurrent joins
-/// can never both take the last use.
-async fn consume_token(
-    store: &dyn Store,
-    token: &Token,
-    now: SystemTime,
-) -> Result<TokenRecord, ApiError> {
-    for _ in 0..64 {
-        let (kv, rec) = admit_token(store, token, now).await?;
-        let next = rec.consumed();
-        let bytes = serde_json::to_vec(&next).map_err(ApiError::internal)?;
-        let lease = (kv.lease != 0).then_some(kv.lease);
-        if store
-            .compare_and_swap(&kv.key, kv.mod_revision, &bytes, lease)
-            .await
-            .map_err(ApiError::internal)?
-            .is_some()
-        {
-            return Ok(next);
-        }
-    }
-    Err(ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "token busy; retry",
-    ))
-}
-
-async fn refund_token(store: &dyn Store, id: &str) {
-    for _ in 0..16 {
-        let Ok(Some(kv)) = store.get(&tokens::key(id)).await else {
-            return;
-        };
-        let Ok(mut rec) = serde_json::from_slice::<TokenRecord>(&kv.value) else {
-            return;
-        };
-        rec.uses_left = rec.uses_left.map(|u| u.saturating_add(1));
-        rec.used = rec.used.saturating_sub(1);
-        let Ok(bytes) = serde_json::to_vec(&rec) else {
-            return;
-        };
-        let lease = (kv.lease != 0).then_some(kv.lease);
-        if let Ok(Some(_)) = store
-            .compare_and_swap(&kv.key, kv.mod_revision, &bytes, lease)
-            .await
-        {
-            return;
-        }
-    }
-}
-
 fn lease_attrs(
     name: &str,
     addresses: &[std::net::IpAddr],
@@ -557,8 +507,10 @@ fn lease_attrs(
     }
 }
 
-/// Registers a node: the order makes every refusal happen before any state changes, and a lost race
-/// for the node name gives back the subnet and the token use.
+/// Registers a node. Every refusal happens before any state changes, and the registration itself is
+/// one store transaction: the token use, the node record and the subnet lease are written together
+/// or not at all (a single-use token can never admit two nodes, a subnet is never leased twice, a
+/// name is never registered twice, however the joins race).
 async fn join(
     state: &ApiState,
     r: JoinRequest,
@@ -579,7 +531,7 @@ async fn join(
     // learns nothing about the cluster (not even which node names are taken) and costs no
     // signatures.
     admit_token(store, &token, now).await?;
-    // Sign before consuming: a CSR for another identity is refused before the token is used.
+    // Sign before registering: a CSR for another identity is refused before anything is written.
     let certs = sign_node_csrs(state, &r.node_name, &r.addresses, &r.csrs, now)?;
     if store
         .get(&registry::key(&r.node_name))
@@ -587,73 +539,142 @@ async fn join(
         .map_err(ApiError::internal)?
         .is_some()
     {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!(
-                "node_name: {:?} is already registered to another node",
-                r.node_name
-            ),
-        ));
+        return Err(name_taken(&r.node_name));
     }
-    consume_token(store, &token, now).await?;
     let attrs = lease_attrs(
         &r.node_name,
         &r.addresses,
         &r.wireguard_public_key,
         r.endpoint,
     );
-    let lease = match leases::acquire(store, &state.prefix, &state.network, &attrs, None).await {
-        Ok(l) => l,
+    let store_lease = store
+        .grant_lease(leases::LEASE_TTL)
+        .await
+        .map_err(ApiError::internal)?;
+    let registered = register(state, &r, &token, &attrs, store_lease, now).await;
+    let record = match registered {
+        Ok(rec) => rec,
         Err(e) => {
-            refund_token(store, &token.id).await;
-            return Err(match e {
-                leases::LeaseError::Exhausted(x) => {
-                    ApiError::new(StatusCode::CONFLICT, x.to_string())
-                }
-                other => ApiError::internal(other),
-            });
+            let _ = store.revoke_lease(store_lease).await;
+            return Err(e);
         }
     };
-    let record = NodeRecord {
-        version: registry::RECORD_VERSION,
-        name: r.node_name.clone(),
-        addresses: r.addresses.clone(),
-        wireguard_public_key: r.wireguard_public_key.clone(),
-        endpoint: r.endpoint,
-        subnet: lease.subnet,
-        control_plane: false,
-        registered: unix(now),
-    };
-    let bytes = serde_json::to_vec(&record).map_err(ApiError::internal)?;
-    if store
-        .create(&registry::key(&r.node_name), &bytes, None)
-        .await
-        .map_err(ApiError::internal)?
-        .is_none()
-    {
-        let _ = leases::release(store, &state.prefix, lease.subnet, &r.node_name).await;
-        refund_token(store, &token.id).await;
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!(
-                "node_name: {:?} is already registered to another node",
-                r.node_name
-            ),
-        ));
-    }
     log(format!(
         "node {} joined from {peer}: subnet {}, token {}",
-        r.node_name, lease.subnet, token.id
+        r.node_name, record.subnet, token.id
     ));
     Ok(JoinResponse {
+        subnet: record.subnet,
         node: record,
         certs,
         ca_pem: state.ca.cert_pem().to_owned(),
-        subnet: lease.subnet,
         network: state.network.clone(),
         apiserver_url: state.settings.apiserver_url(),
         cluster_name: state.settings.cluster_name.clone(),
     })
+}
+
+fn name_taken(name: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        format!("node_name: {name:?} is already registered to another node"),
+    )
+}
+
+fn random_seed() -> u64 {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 8];
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    u64::from_le_bytes(b)
+}
+
+/// The registration transaction, retried on conflict: compare the token's revision, the absence of
+/// the node and of the chosen subnet's lease; put the consumed token, the node record, the lease.
+async fn register(
+    state: &ApiState,
+    r: &JoinRequest,
+    token: &Token,
+    attrs: &LeaseAttrs,
+    store_lease: crate::store::LeaseId,
+    now: SystemTime,
+) -> Result<NodeRecord, ApiError> {
+    use crate::store::{Compare, TxnOp};
+    let store = state.store.as_ref();
+    let node_key = registry::key(&r.node_name);
+    let lease_value = serde_json::to_vec(attrs).map_err(ApiError::internal)?;
+    for _ in 0..64 {
+        let (tkv, rec) = admit_token(store, token, now).await?;
+        let taken = leases::taken_subnets(store, &state.prefix)
+            .await
+            .map_err(ApiError::internal)?;
+        let subnet = state
+            .network
+            .choose_subnet(&taken, None, random_seed())
+            .map_err(|e| ApiError::new(StatusCode::CONFLICT, e.to_string()))?;
+        let record = NodeRecord {
+            version: registry::RECORD_VERSION,
+            name: r.node_name.clone(),
+            addresses: r.addresses.clone(),
+            wireguard_public_key: r.wireguard_public_key.clone(),
+            endpoint: r.endpoint,
+            subnet,
+            control_plane: false,
+            registered: unix(now),
+        };
+        let lease_key = overlay::lease_key(&state.prefix, subnet);
+        let compares = [
+            Compare {
+                key: tkv.key.clone(),
+                mod_revision: tkv.mod_revision,
+            },
+            Compare {
+                key: node_key.clone(),
+                mod_revision: 0,
+            },
+            Compare {
+                key: lease_key.clone(),
+                mod_revision: 0,
+            },
+        ];
+        let ops = [
+            TxnOp::Put {
+                key: tkv.key.clone(),
+                value: serde_json::to_vec(&rec.consumed()).map_err(ApiError::internal)?,
+                lease: (tkv.lease != 0).then_some(tkv.lease),
+            },
+            TxnOp::Put {
+                key: node_key.clone(),
+                value: serde_json::to_vec(&record).map_err(ApiError::internal)?,
+                lease: None,
+            },
+            TxnOp::Put {
+                key: lease_key,
+                value: lease_value.clone(),
+                lease: Some(store_lease),
+            },
+        ];
+        if store
+            .txn(&compares, &ops)
+            .await
+            .map_err(ApiError::internal)?
+            .is_some()
+        {
+            return Ok(record);
+        }
+        // Lost a race: for the name (final), or for the token or the subnet (try again).
+        if store
+            .get(&node_key)
+            .await
+            .map_err(ApiError::internal)?
+            .is_some()
+        {
+            return Err(name_taken(&r.node_name));
+        }
+    }
+    Err(ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "too much contention registering the node; retry",
+    ))
 }
 
 async fn get_node(
