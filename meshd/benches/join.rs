@@ -44,7 +44,11 @@ fn meshd_init(dir: &Path, api_port: u16, extra: &[&str]) {
         .args(extra)
         .output()
         .expect("meshd init");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn start_etcd(dir: &Path) -> (Kill, String) {
@@ -55,17 +59,37 @@ fn start_etcd(dir: &Path) -> (Kill, String) {
         .args(["--name", "bench", "--data-dir"])
         .arg(&data)
         .args(["--listen-client-urls", &format!("https://127.0.0.1:{cp}")])
-        .args(["--advertise-client-urls", &format!("https://127.0.0.1:{cp}")])
+        .args([
+            "--advertise-client-urls",
+            &format!("https://127.0.0.1:{cp}"),
+        ])
         .args(["--listen-peer-urls", &format!("https://127.0.0.1:{pp}")])
-        .args(["--initial-advertise-peer-urls", &format!("https://127.0.0.1:{pp}")])
-        .args(["--initial-cluster", &format!("bench=https://127.0.0.1:{pp}")])
-        .args(["--initial-cluster-state", "new", "--client-cert-auth", "--peer-client-cert-auth"])
-        .arg("--cert-file").arg(pki.join("server.crt"))
-        .arg("--key-file").arg(pki.join("server.key"))
-        .arg("--trusted-ca-file").arg(pki.join("ca.crt"))
-        .arg("--peer-cert-file").arg(pki.join("peer.crt"))
-        .arg("--peer-key-file").arg(pki.join("peer.key"))
-        .arg("--peer-trusted-ca-file").arg(pki.join("ca.crt"))
+        .args([
+            "--initial-advertise-peer-urls",
+            &format!("https://127.0.0.1:{pp}"),
+        ])
+        .args([
+            "--initial-cluster",
+            &format!("bench=https://127.0.0.1:{pp}"),
+        ])
+        .args([
+            "--initial-cluster-state",
+            "new",
+            "--client-cert-auth",
+            "--peer-client-cert-auth",
+        ])
+        .arg("--cert-file")
+        .arg(pki.join("server.crt"))
+        .arg("--key-file")
+        .arg(pki.join("server.key"))
+        .arg("--trusted-ca-file")
+        .arg(pki.join("ca.crt"))
+        .arg("--peer-cert-file")
+        .arg(pki.join("peer.crt"))
+        .arg("--peer-key-file")
+        .arg(pki.join("peer.key"))
+        .arg("--peer-trusted-ca-file")
+        .arg(pki.join("ca.crt"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -79,9 +103,14 @@ struct Prepared {
 
 fn prepare(i: usize, token: String) -> Prepared {
     let name = format!("bench-{i}");
-    let addr: std::net::IpAddr = format!("10.{}.{}.{}", 1 + i / 62500 % 200, i / 250 % 250, i % 250 + 1)
-        .parse()
-        .expect("addr");
+    let addr: std::net::IpAddr = format!(
+        "10.{}.{}.{}",
+        1 + i / 62500 % 200,
+        i / 250 % 250,
+        i % 250 + 1
+    )
+    .parse()
+    .expect("addr");
     let entries = pki::inventory::node_entries(&name, &[addr]);
     let csr = |id: &str| {
         let e = entries.iter().find(|e| e.id == id).expect("entry");
@@ -112,10 +141,18 @@ async fn bench_store(kind: &str, joins: usize, concurrency: usize) -> f64 {
     if kind == "etcd" {
         // init first (it writes the etcd certificates), then start etcd with them.
         let placeholder = format!("https://127.0.0.1:{}", free_port());
-        meshd_init(dir.path(), port, &["--store", "etcd", "--etcd-endpoints", &placeholder]);
+        meshd_init(
+            dir.path(),
+            port,
+            &["--store", "etcd", "--etcd-endpoints", &placeholder],
+        );
         let (k, url) = start_etcd(dir.path());
         _etcd = Some(k);
-        meshd_init(dir.path(), port, &["--store", "etcd", "--etcd-endpoints", &url]);
+        meshd_init(
+            dir.path(),
+            port,
+            &["--store", "etcd", "--etcd-endpoints", &url],
+        );
         tokio::time::sleep(Duration::from_secs(2)).await;
     } else {
         meshd_init(dir.path(), port, &[]);
@@ -140,14 +177,26 @@ async fn bench_store(kind: &str, joins: usize, concurrency: usize) -> f64 {
     let mut ca_hash = String::new();
     for i in 0..joins {
         let t: TokenCreateResponse = admin
-            .call(Method::POST, "/v1/tokens", Some(&TokenCreateRequest { ttl_secs: 3600, uses: Some(1), description: "bench".into() }))
+            .call(
+                Method::POST,
+                "/v1/tokens",
+                Some(&TokenCreateRequest {
+                    ttl_secs: 3600,
+                    uses: Some(1),
+                    description: "bench".into(),
+                }),
+            )
             .await
             .expect("token");
         ca_hash = t.ca_hash.clone();
         prepared.push(prepare(i, t.token));
     }
     let verifier = Arc::new(meshd::tls::PinnedCaVerifier::new(&ca_hash).expect("pin"));
-    let client = ApiClient::new(&addr, meshd::tls::pinned_client_config(verifier).expect("tls")).expect("client");
+    let client = ApiClient::new(
+        &addr,
+        meshd::tls::pinned_client_config(verifier).expect("tls"),
+    )
+    .expect("client");
     let queue = Arc::new(tokio::sync::Mutex::new(prepared));
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -158,7 +207,10 @@ async fn bench_store(kind: &str, joins: usize, concurrency: usize) -> f64 {
             let mut n = 0;
             loop {
                 let Some(p) = q.lock().await.pop() else { break };
-                let r: JoinResponse = c.call(Method::POST, "/v1/join", Some(&p.req)).await.expect("join");
+                let r: JoinResponse = c
+                    .call(Method::POST, "/v1/join", Some(&p.req))
+                    .await
+                    .expect("join");
                 assert_eq!(r.node.name, p.req.node_name);
                 n += 1;
             }
@@ -177,10 +229,19 @@ async fn bench_store(kind: &str, joins: usize, concurrency: usize) -> f64 {
 }
 
 fn main() {
-    let joins: usize = std::env::var("JOINS").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
-    let conc: usize = std::env::var("CONCURRENCY").ok().and_then(|v| v.parse().ok()).unwrap_or(16);
+    let joins: usize = std::env::var("JOINS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500);
+    let conc: usize = std::env::var("CONCURRENCY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16);
     let stores = std::env::var("STORES").unwrap_or_else(|_| "embedded,etcd".into());
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     for kind in stores.split(',') {
         let rate = rt.block_on(bench_store(kind, joins, conc));
         let target = if kind == "etcd" { 200.0 } else { 500.0 };

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::embedded::EmbeddedStore;
 use super::etcd::{EtcdStore, EtcdTls};
-use super::{Event, KeyValue, Store, StoreError, Watch};
+use super::{Compare, Event, KeyValue, Store, StoreError, TxnOp, Watch};
 
 /// How long a lease-based case waits for expiry before failing.
 const EXPIRY_WAIT: Duration = Duration::from_secs(8);
@@ -584,6 +584,347 @@ pub(crate) async fn concurrent_cas_counter(store: Arc<dyn Store>) {
     assert_eq!(kv.version, 51);
 }
 
+/// A transaction with one failing compare writes nothing (no key, no revision, no event); with
+/// every compare holding it writes everything.
+pub(crate) async fn txn_all_or_nothing(store: Arc<dyn Store>) {
+    let p = ns("txn_all_or_nothing");
+    let a = store
+        .create(&format!("{p}a"), b"a1", None)
+        .await
+        .unwrap()
+        .unwrap();
+    let b = store
+        .create(&format!("{p}b"), b"b1", None)
+        .await
+        .unwrap()
+        .unwrap();
+    let new = format!("{p}new");
+    let mut w = store.watch(&p, 0).await.unwrap();
+    let writes = vec![
+        TxnOp::put(a.key.clone(), b"a2".to_vec(), None),
+        TxnOp::put(new.clone(), b"n".to_vec(), None),
+        TxnOp::delete(b.key.clone()),
+    ];
+    // Each of these has exactly one failing compare.
+    let failing = [
+        vec![
+            Compare::mod_revision(a.key.clone(), a.mod_revision),
+            Compare::mod_revision(b.key.clone(), b.mod_revision + 1000),
+        ],
+        vec![
+            Compare::mod_revision(a.key.clone(), a.mod_revision),
+            Compare::absent(b.key.clone()),
+        ],
+        vec![
+            Compare::mod_revision(new.clone(), 5),
+            Compare::mod_revision(a.key.clone(), a.mod_revision),
+        ],
+        vec![
+            Compare::absent(new.clone()),
+            Compare::mod_revision(a.key.clone(), b.mod_revision),
+        ],
+    ];
+    for compares in &failing {
+        assert_eq!(
+            store.txn(compares, &writes).await.unwrap(),
+            None,
+            "{compares:?} must fail"
+        );
+    }
+    assert_eq!(store.get(&a.key).await.unwrap().as_ref(), Some(&a));
+    assert_eq!(store.get(&b.key).await.unwrap().as_ref(), Some(&b));
+    assert_eq!(store.get(&new).await.unwrap(), None);
+    assert_quiet(&mut w).await;
+
+    // Every compare holds (the same key compared twice is fine): everything is written.
+    let compares = [
+        Compare::mod_revision(a.key.clone(), a.mod_revision),
+        Compare::mod_revision(b.key.clone(), b.mod_revision),
+        Compare::absent(new.clone()),
+        Compare::mod_revision(a.key.clone(), a.mod_revision),
+    ];
+    let rev = store
+        .txn(&compares, &writes)
+        .await
+        .unwrap()
+        .expect("applied");
+    let a2 = store.get(&a.key).await.unwrap().unwrap();
+    assert_eq!(
+        (a2.value.as_slice(), a2.version, a2.mod_revision),
+        (&b"a2"[..], 2, rev)
+    );
+    assert_eq!(store.get(&b.key).await.unwrap(), None);
+    assert_eq!(store.get(&new).await.unwrap().unwrap().mod_revision, rev);
+    // The same transaction again: its compares no longer hold.
+    assert_eq!(store.txn(&compares, &writes).await.unwrap(), None);
+
+    // Refusals write nothing either: a duplicate key, an empty key.
+    let dup = [
+        TxnOp::put(format!("{p}dup"), b"1".to_vec(), None),
+        TxnOp::delete(format!("{p}dup")),
+    ];
+    assert!(matches!(
+        store.txn(&[], &dup).await,
+        Err(StoreError::Other(_))
+    ));
+    let empty = [
+        TxnOp::put(format!("{p}e"), b"1".to_vec(), None),
+        TxnOp::put("", b"1".to_vec(), None),
+    ];
+    assert!(matches!(
+        store.txn(&[], &empty).await,
+        Err(StoreError::Other(_))
+    ));
+    assert_eq!(store.get(&format!("{p}dup")).await.unwrap(), None);
+    assert_eq!(store.get(&format!("{p}e")).await.unwrap(), None);
+}
+
+/// Every key written by one transaction gets the same revision, a new one; creations and updates
+/// keep etcd's create_revision and version rules.
+pub(crate) async fn txn_one_revision(store: Arc<dyn Store>) {
+    let p = ns("txn_one_revision");
+    let old = store
+        .create(&format!("{p}old"), b"o1", None)
+        .await
+        .unwrap()
+        .unwrap();
+    let gone = store
+        .create(&format!("{p}gone"), b"g", None)
+        .await
+        .unwrap()
+        .unwrap();
+    let before = store.list(&p).await.unwrap().revision;
+    let ops: Vec<TxnOp> = (0..5)
+        .map(|i| TxnOp::put(format!("{p}k{i}"), format!("v{i}").into_bytes(), None))
+        .chain([
+            TxnOp::put(old.key.clone(), b"o2".to_vec(), None),
+            TxnOp::delete(gone.key.clone()),
+        ])
+        .collect();
+    let rev = store
+        .txn(
+            &[Compare::mod_revision(old.key.clone(), old.mod_revision)],
+            &ops,
+        )
+        .await
+        .unwrap()
+        .expect("applied");
+    assert!(rev > before);
+    let listing = store.list(&p).await.unwrap();
+    assert!(listing.revision >= rev);
+    assert_eq!(listing.kvs.len(), 6);
+    for i in 0..5 {
+        let kv = store.get(&format!("{p}k{i}")).await.unwrap().unwrap();
+        assert_eq!(kv.value, format!("v{i}").as_bytes());
+        assert_eq!(
+            (kv.create_revision, kv.mod_revision, kv.version),
+            (rev, rev, 1)
+        );
+    }
+    let old2 = store.get(&old.key).await.unwrap().unwrap();
+    assert_eq!(old2.value, b"o2");
+    assert_eq!(
+        (old2.create_revision, old2.mod_revision, old2.version),
+        (old.create_revision, rev, 2)
+    );
+    assert_eq!(store.get(&gone.key).await.unwrap(), None);
+    // The next write gets a later revision.
+    let after = store
+        .create(&format!("{p}after"), b"x", None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(after.mod_revision > rev);
+}
+
+/// A watch sees every event of a transaction, in the order of its ops, all with its revision.
+pub(crate) async fn txn_watch(store: Arc<dyn Store>) {
+    let p = ns("txn_watch");
+    let x = store
+        .create(&format!("{p}x"), b"x", None)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut live = store.watch(&p, 0).await.unwrap();
+    let ops = [
+        TxnOp::put(format!("{p}c"), b"c".to_vec(), None),
+        TxnOp::delete(x.key.clone()),
+        TxnOp::put(format!("{p}a"), b"a".to_vec(), None),
+        TxnOp::delete(format!("{p}missing")),
+        TxnOp::put(format!("{p}b"), b"b".to_vec(), None),
+    ];
+    let rev = store.txn(&[], &ops).await.unwrap().expect("applied");
+    let follow = store
+        .create(&format!("{p}z"), b"z", None)
+        .await
+        .unwrap()
+        .unwrap();
+    // Live, and replayed from the history.
+    let mut replay = store.watch(&p, rev).await.unwrap();
+    for w in [&mut live, &mut replay] {
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let e = recv_event(w).await;
+            assert_eq!(e.revision(), rev, "{e:?}");
+            seen.push(match &e {
+                Event::Put(kv) => format!("put {}", kv.key),
+                Event::Delete { key, .. } => format!("delete {key}"),
+            });
+        }
+        assert_eq!(
+            seen,
+            vec![
+                format!("put {p}c"),
+                format!("delete {}", x.key),
+                format!("put {p}a"),
+                format!("put {p}b"),
+            ]
+        );
+        assert_eq!(put_of(&recv_event(w).await), &follow);
+        assert_quiet(w).await;
+    }
+}
+
+/// A put of a transaction attaches the key to its lease (revoking it deletes the key); an unknown
+/// lease refuses the whole transaction.
+pub(crate) async fn txn_lease(store: Arc<dyn Store>) {
+    let p = ns("txn_lease");
+    let lease = store.grant_lease(Duration::from_secs(60)).await.unwrap();
+    let (leased, plain) = (format!("{p}leased"), format!("{p}plain"));
+    let rev = store
+        .txn(
+            &[Compare::absent(leased.clone())],
+            &[
+                TxnOp::put(leased.clone(), b"l".to_vec(), Some(lease)),
+                TxnOp::put(plain.clone(), b"p".to_vec(), None),
+            ],
+        )
+        .await
+        .unwrap()
+        .expect("applied");
+    let kv = store.get(&leased).await.unwrap().unwrap();
+    assert_eq!((kv.lease, kv.mod_revision), (lease, rev));
+    assert_eq!(store.get(&plain).await.unwrap().unwrap().lease, 0);
+
+    store.revoke_lease(lease).await.unwrap();
+    assert_eq!(store.get(&leased).await.unwrap(), None);
+    assert!(store.get(&plain).await.unwrap().is_some());
+
+    // The lease is gone: a transaction using it is refused, and writes nothing.
+    let other = format!("{p}other");
+    match store
+        .txn(
+            &[],
+            &[
+                TxnOp::put(other.clone(), b"o".to_vec(), None),
+                TxnOp::put(leased.clone(), b"l".to_vec(), Some(lease)),
+            ],
+        )
+        .await
+    {
+        Err(StoreError::LeaseNotFound(l)) => assert_eq!(l, lease),
+        r => panic!("txn with a revoked lease: {r:?}"),
+    }
+    assert_eq!(store.get(&other).await.unwrap(), None);
+    assert_eq!(store.get(&leased).await.unwrap(), None);
+}
+
+/// Deleting a missing key in a transaction is fine; a transaction that changes nothing makes no
+/// revision.
+pub(crate) async fn txn_delete_missing(store: Arc<dyn Store>) {
+    let p = ns("txn_delete_missing");
+    let missing = format!("{p}missing");
+    let before = store.list(&p).await.unwrap().revision;
+    let mut w = store.watch(&p, 0).await.unwrap();
+    let rev = store
+        .txn(
+            &[Compare::absent(missing.clone())],
+            &[TxnOp::delete(missing.clone())],
+        )
+        .await
+        .unwrap()
+        .expect("applied");
+    assert!(rev >= before);
+    assert_quiet(&mut w).await;
+    assert_eq!(store.get(&missing).await.unwrap(), None);
+    // With a put beside it, the put happens.
+    let k = format!("{p}k");
+    let rev = store
+        .txn(
+            &[],
+            &[
+                TxnOp::delete(missing.clone()),
+                TxnOp::put(k.clone(), b"k".to_vec(), None),
+            ],
+        )
+        .await
+        .unwrap()
+        .expect("applied");
+    let e = recv_event(&mut w).await;
+    assert_eq!((e.key(), e.revision()), (k.as_str(), rev));
+    assert_quiet(&mut w).await;
+    // No compares and no ops: applied, nothing changes.
+    assert!(store.txn(&[], &[]).await.unwrap().unwrap() >= rev);
+}
+
+/// 50 concurrent "compare the token, bump it, write my node" transactions with retries on one
+/// shared token key: each applies exactly once, and no update is lost.
+pub(crate) async fn txn_concurrent(store: Arc<dyn Store>) {
+    let p = ns("txn_concurrent");
+    let token = format!("{p}token");
+    store.create(&token, b"0", None).await.unwrap().unwrap();
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let store = store.clone();
+            let (token, node) = (token.clone(), format!("{p}nodes/{i:02}"));
+            tokio::spawn(async move {
+                let mut attempts = 0u32;
+                loop {
+                    attempts += 1;
+                    assert!(attempts < 10_000, "txn livelock");
+                    let cur = store.get(&token).await.unwrap().unwrap();
+                    let n: u64 = std::str::from_utf8(&cur.value).unwrap().parse().unwrap();
+                    let ops = [
+                        TxnOp::put(token.clone(), (n + 1).to_string().into_bytes(), None),
+                        TxnOp::put(node.clone(), n.to_string().into_bytes(), None),
+                    ];
+                    let compares = [
+                        Compare::mod_revision(token.clone(), cur.mod_revision),
+                        Compare::absent(node.clone()),
+                    ];
+                    if let Some(rev) = store.txn(&compares, &ops).await.unwrap() {
+                        return (n, rev);
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut applied = Vec::new();
+    for t in tasks {
+        applied.push(t.await.unwrap());
+    }
+    let kv = store.get(&token).await.unwrap().unwrap();
+    assert_eq!(kv.value, b"50");
+    assert_eq!(kv.version, 51);
+    // Each task saw a different count (0..50) and got a different revision; its node key has
+    // that count and that revision.
+    let nodes = store.list(&format!("{p}nodes/")).await.unwrap().kvs;
+    assert_eq!(nodes.len(), 50);
+    let mut counts: Vec<u64> = applied.iter().map(|(n, _)| *n).collect();
+    counts.sort_unstable();
+    assert_eq!(counts, (0..50).collect::<Vec<_>>());
+    let mut revs: Vec<i64> = applied.iter().map(|(_, r)| *r).collect();
+    revs.sort_unstable();
+    revs.dedup();
+    assert_eq!(revs.len(), 50);
+    for (i, node) in nodes.iter().enumerate() {
+        let (n, rev) = applied[i];
+        assert_eq!(node.key, format!("{p}nodes/{i:02}"));
+        assert_eq!(node.value, n.to_string().as_bytes());
+        assert_eq!((node.mod_revision, node.version), (rev, 1));
+    }
+}
+
 type Case = fn(Arc<dyn Store>) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 
 macro_rules! suite {
@@ -616,6 +957,12 @@ suite!(
     watch_replay_then_live,
     concurrent_create,
     concurrent_cas_counter,
+    txn_all_or_nothing,
+    txn_one_revision,
+    txn_watch,
+    txn_lease,
+    txn_delete_missing,
+    txn_concurrent,
     watch_after_compaction,
 );
 

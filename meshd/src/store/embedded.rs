@@ -11,25 +11,35 @@
 //! * `events`: revision → the events of that revision (the watch history), trimmed by
 //!   [`Store::compact`] and automatically to the last [`DEFAULT_HISTORY`] revisions.
 //!
-//! Every mutation is one redb write transaction with a durable commit, taken under a mutex that also
-//! covers publishing the committed events on a broadcast channel: writers are serialized, a
-//! compare-and-swap is atomic, and live watchers see commits in revision order. A watch replays the
-//! history from its start revision, then follows the broadcast (it subscribes before reading the
-//! history and skips what it already delivered, so there is no gap and no duplicate; a watcher that
-//! falls behind the broadcast goes back to the history).
+//! Writes go through one writer thread, with group commit. Every mutating call becomes a job (a
+//! re-runnable closure over the write transaction) sent to the thread, which drains up to
+//! [`MAX_BATCH`] pending jobs and runs them in arrival order inside one redb write transaction, each
+//! job in its own revision (as in etcd, every mutating call is one revision; a job sees the writes
+//! of the jobs before it), commits once, durably, answers every job, and then publishes each job's
+//! events on a broadcast channel in revision order. Concurrent writers so share one fsync instead
+//! of queueing for one each. Writers are serialized (a compare-and-swap or a transaction is
+//! atomic) and live watchers see commits in revision order. A job that fails after writing aborts
+//! the whole transaction, and the batch's jobs are then run again one by one, each in its own
+//! transaction: one bad request never fails the others and no partial job is ever committed (a job
+//! that fails before writing anything, e.g. a keep-alive of an unknown lease, just answers its
+//! error and the batch goes on). No write is acknowledged before its durable commit.
+//!
+//! A watch replays the history from its start revision, then follows the broadcast (it subscribes
+//! before reading the history and skips what it already delivered, so there is no gap and no
+//! duplicate; a watcher that falls behind the broadcast goes back to the history).
 //!
 //! A background task (stopped when the store is dropped or [`EmbeddedStore::close`]d) deletes the
-//! keys of expired leases every [`REAP_INTERVAL`]. Like etcd after a leader change, opening the store
-//! renews every lease for its full TTL, so clients get the chance to keep their leases alive after a
-//! restart instead of losing their keys to the downtime.
+//! keys of expired leases every [`REAP_INTERVAL`], one writer job (one revision) per lease. Like etcd
+//! after a leader change, opening the store renews every lease for its full TTL, so clients get the
+//! chance to keep their leases alive after a restart instead of losing their keys to the downtime.
 //!
-//! The blocking redb work runs in `tokio::task::spawn_blocking`.
+//! Reads run in `tokio::task::spawn_blocking`.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{mpsc as std_mpsc, Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -71,10 +81,16 @@ const BROADCAST_CAPACITY: usize = 1024;
 const WATCH_BUFFER: usize = 256;
 /// Commits read from the history per read transaction when replaying.
 const REPLAY_CHUNK: usize = 256;
+/// At most this many jobs share one write transaction (one durable commit).
+pub const MAX_BATCH: usize = 128;
 
 /// The embedded state store. See the [module documentation](self).
 pub struct EmbeddedStore {
     inner: Arc<Inner>,
+    /// Feeds the writer thread (the lease-expiry task holds a weak reference); dropping it lets
+    /// the thread finish the queued jobs and exit.
+    committer: Option<Arc<Committer>>,
+    writer: Option<std::thread::JoinHandle<()>>,
     /// Dropping it stops the lease-expiry task.
     shutdown: Option<oneshot::Sender<()>>,
     reaper: Option<tokio::task::JoinHandle<()>>,
@@ -98,8 +114,7 @@ struct Commit {
 struct Inner {
     db: Database,
     path: PathBuf,
-    /// Serializes write transactions together with the broadcast of their events.
-    write_lock: Mutex<()>,
+    /// The committed revisions, published by the writer thread in revision order.
     events: broadcast::Sender<Arc<Commit>>,
     history: i64,
 }
@@ -108,7 +123,8 @@ impl EmbeddedStore {
     /// Opens (or creates, mode `0600`) the store file at `path`, e.g. `<data dir>/state.redb`.
     ///
     /// Blocking: call it at startup (it reads the whole file to verify it). It must be called within
-    /// a tokio runtime, which runs the lease-expiry task.
+    /// a tokio runtime, which runs the lease-expiry task; writes are made by a thread of the store's
+    /// own (see the [module documentation](self)).
     ///
     /// Errors: [`StoreError::Corrupt`] (naming the path) when the file is damaged or not a meshd
     /// store — it is never replaced by an empty one; [`StoreError::Unavailable`] when another process
@@ -130,15 +146,29 @@ impl EmbeddedStore {
         let inner = Arc::new(Inner {
             db,
             path: path.to_path_buf(),
-            write_lock: Mutex::new(()),
             events,
             history: history.max(1),
         });
         inner.init(now_ms())?;
+        let (jobs, queue) = std_mpsc::channel();
+        let weak = Arc::downgrade(&inner);
+        let writer = std::thread::Builder::new()
+            .name("meshd-store-writer".into())
+            .spawn(move || writer_thread(weak, queue))
+            .map_err(|e| {
+                StoreError::Other(format!("cannot start the store's writer thread: {e}"))
+            })?;
+        let committer = Arc::new(Committer { jobs });
         let (shutdown, stop) = oneshot::channel();
-        let reaper = handle.spawn(reap_leases(Arc::downgrade(&inner), stop));
+        let reaper = handle.spawn(reap_leases(
+            Arc::downgrade(&inner),
+            Arc::downgrade(&committer),
+            stop,
+        ));
         Ok(EmbeddedStore {
             inner,
+            committer: Some(committer),
+            writer: Some(writer),
             shutdown: Some(shutdown),
             reaper: Some(reaper),
         })
@@ -149,15 +179,35 @@ impl EmbeddedStore {
         &self.inner.path
     }
 
-    /// Stops the lease-expiry task and closes the file, waiting (up to 5 s) for operations still in
-    /// flight. Watches end. Dropping the store does the same without waiting.
+    /// Stops the lease-expiry task and the writer thread (once the writes already queued are
+    /// committed) and closes the file, waiting (up to 5 s) for operations still in flight. Watches
+    /// end. Dropping the store does the same without waiting.
     pub async fn close(mut self) -> Result<(), StoreError> {
         drop(self.shutdown.take());
         if let Some(reaper) = self.reaper.take() {
             let _ = reaper.await;
         }
-        let mut inner = self.inner;
         let deadline = Instant::now() + Duration::from_secs(5);
+        // The writer thread finishes the queued jobs, then exits.
+        drop(self.committer.take());
+        if let Some(writer) = self.writer.take() {
+            while !writer.is_finished() {
+                if Instant::now() > deadline {
+                    return Err(StoreError::Other(format!(
+                        "{}: store writes still in progress after 5 s; not closed",
+                        self.inner.path.display()
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            if writer.join().is_err() {
+                return Err(StoreError::Other(format!(
+                    "{}: the store's writer thread failed",
+                    self.inner.path.display()
+                )));
+            }
+        }
+        let mut inner = self.inner;
         loop {
             match Arc::try_unwrap(inner) {
                 Ok(inner) => {
@@ -176,6 +226,21 @@ impl EmbeddedStore {
                 }
             }
         }
+    }
+
+    /// Runs `op` as one writer job: its own revision, in a durable commit shared with the jobs
+    /// queued beside it. `op` may run more than once (a batch that fails is run again job by job);
+    /// only one run is ever committed.
+    async fn write<T, F>(&self, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Fn(&mut Writer<'_>) -> Result<T, StoreError> + Send + 'static,
+    {
+        let committer = self
+            .committer
+            .as_ref()
+            .ok_or_else(|| StoreError::Unavailable("the store is closed".into()))?;
+        committer.submit(op)?.get().await
     }
 
     async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
@@ -556,16 +621,250 @@ enum LogRead {
     Compacted(i64),
 }
 
-/// One write transaction in progress: stages the events of the pending revision.
+/// One write transaction in progress, running one job after another: stages the events of the
+/// current job's revision.
+///
+/// Every change to the transaction goes through a method of `Writer` that marks the job as having
+/// written ([`Writer::wrote`]), so that a job failing after a change aborts the transaction.
 struct Writer<'a> {
     inner: &'a Inner,
     txn: &'a WriteTransaction,
-    /// The store's revision before this transaction.
+    /// The store's revision before the current job (its events get the next one).
     revision: i64,
+    /// The time of the current job (unix milliseconds).
     now_ms: i64,
+    /// The events of the current job.
     events: Vec<Event>,
     /// Something other than events changed (leases, compaction) and must be committed.
     dirty: bool,
+    /// The current job changed the transaction.
+    wrote: bool,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The writer thread and its jobs.
+
+/// A job's operation: re-runnable, since a failed batch runs its jobs again one by one.
+type Op<T> = Box<dyn Fn(&mut Writer<'_>) -> Result<T, StoreError> + Send>;
+
+/// One mutating call waiting for the writer thread, with the channel its caller awaits.
+struct Job<T> {
+    op: Op<T>,
+    /// The result of the last run.
+    result: Option<Result<T, StoreError>>,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+/// A [`Job`] of any result type.
+trait AnyJob: Send {
+    /// Runs the operation (again, after a failed batch), keeping its result. False when it failed
+    /// after changing the transaction, which must then be aborted.
+    fn run(&mut self, w: &mut Writer<'_>) -> bool;
+    /// Replaces the kept result with `e` (the transaction was not committed).
+    fn fail(&mut self, e: StoreError);
+    /// Answers the caller with the kept result.
+    fn reply(self: Box<Self>);
+}
+
+impl<T: Send + 'static> AnyJob for Job<T> {
+    fn run(&mut self, w: &mut Writer<'_>) -> bool {
+        w.wrote = false;
+        let result = (self.op)(w);
+        let clean = result.is_ok() || !w.wrote;
+        self.result = Some(result);
+        clean
+    }
+
+    fn fail(&mut self, e: StoreError) {
+        self.result = Some(Err(e));
+    }
+
+    fn reply(self: Box<Self>) {
+        let result = self
+            .result
+            .unwrap_or_else(|| Err(StoreError::Other("store write not run".into())));
+        // The caller may have gone (a cancelled request): the write stands, like etcd's.
+        let _ = self.reply.send(result);
+    }
+}
+
+/// Sends jobs to the writer thread.
+struct Committer {
+    jobs: std_mpsc::Sender<Box<dyn AnyJob>>,
+}
+
+impl Committer {
+    /// Queues `op`; the returned future gets its result once it is durably committed (or failed).
+    fn submit<T, F>(&self, op: F) -> Result<Answer<T>, StoreError>
+    where
+        T: Send + 'static,
+        F: Fn(&mut Writer<'_>) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            op: Box::new(op),
+            result: None,
+            reply,
+        };
+        self.jobs
+            .send(Box::new(job))
+            .map_err(|_| StoreError::Unavailable("the store is closed".into()))?;
+        Ok(Answer(answer))
+    }
+}
+
+/// The answer to a queued job.
+struct Answer<T>(oneshot::Receiver<Result<T, StoreError>>);
+
+impl<T> Answer<T> {
+    async fn get(self) -> Result<T, StoreError> {
+        self.0.await.unwrap_or_else(|_| {
+            Err(StoreError::Other(
+                "the store's writer stopped before answering".into(),
+            ))
+        })
+    }
+}
+
+/// The writer thread: drains up to [`MAX_BATCH`] queued jobs, runs them in one transaction, answers
+/// them and publishes their commits; runs the jobs of a failed batch one by one. Ends when every
+/// [`Committer`] is gone (or the store is).
+fn writer_thread(store: Weak<Inner>, queue: std_mpsc::Receiver<Box<dyn AnyJob>>) {
+    while let Ok(first) = queue.recv() {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let Some(inner) = store.upgrade() else {
+            for mut job in batch {
+                job.fail(StoreError::Unavailable("the store is closed".into()));
+                job.reply();
+            }
+            continue;
+        };
+        if batch.len() > 1 {
+            let ran = std::panic::catch_unwind(AssertUnwindSafe(|| inner.run_batch(&mut batch)));
+            if let Ok(Ok(commits)) = ran {
+                inner.finish(batch, commits);
+                continue;
+            }
+        }
+        for job in batch {
+            inner.run_alone(job);
+        }
+    }
+}
+
+impl Inner {
+    /// Runs `jobs` in order in one write transaction, each in its own revision, and commits it
+    /// (durably) when something changed. The commits to publish, in revision order. `Err(None)`
+    /// when a job failed after writing (its result says why), `Err(Some(_))` when the database
+    /// failed: the transaction is aborted, nothing of it is written.
+    fn run_batch(&self, jobs: &mut [Box<dyn AnyJob>]) -> Result<Vec<Commit>, Option<StoreError>> {
+        let txn = self.db.begin_write().map_err(|e| Some(self.err(e)))?;
+        let start = read_meta(self, &txn, META_REVISION).map_err(Some)?;
+        let mut w = Writer {
+            inner: self,
+            txn: &txn,
+            revision: start,
+            now_ms: 0,
+            events: Vec::new(),
+            dirty: false,
+            wrote: false,
+        };
+        let mut commits = Vec::new();
+        for job in jobs.iter_mut() {
+            w.now_ms = now_ms();
+            if !job.run(&mut w) {
+                drop(w);
+                // The job's error is what matters; a failing abort shows on the next write.
+                let _ = txn.abort();
+                return Err(None);
+            }
+            if !w.events.is_empty() {
+                let events = std::mem::take(&mut w.events);
+                w.revision += 1;
+                let mut log = txn.open_table(EVENTS).map_err(|e| Some(self.err(e)))?;
+                log.insert(w.revision, encode_events(&events).as_slice())
+                    .map_err(|e| Some(self.err(e)))?;
+                commits.push(Commit {
+                    revision: w.revision,
+                    events,
+                });
+            }
+        }
+        let (revision, dirty) = (w.revision, w.dirty);
+        drop(w);
+        if commits.is_empty() && !dirty {
+            txn.abort().map_err(|e| Some(self.err(e)))?;
+            return Ok(commits);
+        }
+        if revision > start {
+            self.advance(&txn, revision).map_err(Some)?;
+        }
+        txn.commit().map_err(|e| Some(self.err(e)))?;
+        Ok(commits)
+    }
+
+    /// Records `revision` as the current one and trims the history to the last `history`
+    /// revisions.
+    fn advance(&self, txn: &WriteTransaction, revision: i64) -> Result<(), StoreError> {
+        let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
+        meta.insert(META_REVISION, revision)
+            .map_err(|e| self.err(e))?;
+        let oldest = revision - self.history + 1;
+        let compact = meta
+            .get(META_COMPACT)
+            .map_err(|e| self.err(e))?
+            .map(|g| g.value())
+            .unwrap_or(0);
+        if oldest > compact {
+            let mut log = txn.open_table(EVENTS).map_err(|e| self.err(e))?;
+            log.retain_in(..oldest, |_, _| false)
+                .map_err(|e| self.err(e))?;
+            meta.insert(META_COMPACT, oldest).map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    /// Runs one job in its own transaction, answers it and publishes its commit.
+    fn run_alone(&self, mut job: Box<dyn AnyJob>) {
+        let ran = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            self.run_batch(std::slice::from_mut(&mut job))
+        }));
+        let commits = match ran {
+            Ok(Ok(commits)) => commits,
+            // The job failed: its result says why.
+            Ok(Err(None)) => Vec::new(),
+            Ok(Err(Some(e))) => {
+                job.fail(e);
+                Vec::new()
+            }
+            Err(_) => {
+                job.fail(StoreError::Other(format!(
+                    "{}: internal error: a store write panicked (nothing was written)",
+                    self.path.display()
+                )));
+                Vec::new()
+            }
+        };
+        self.finish(vec![job], commits);
+    }
+
+    /// Answers `jobs` (committed), then publishes `commits` in revision order.
+    fn finish(&self, jobs: Vec<Box<dyn AnyJob>>, commits: Vec<Commit>) {
+        for job in jobs {
+            job.reply();
+        }
+        for commit in commits {
+            // No receivers is fine: nobody watches.
+            let _ = self.events.send(Arc::new(commit));
+        }
+    }
 }
 
 impl Inner {
@@ -582,7 +881,6 @@ impl Inner {
 
     /// Creates the tables of a new file, checks an existing one is meshd's, and renews the leases.
     fn init(&self, now_ms: i64) -> Result<(), StoreError> {
-        let _guard = self.lock();
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
         let names: Vec<String> = txn
             .list_tables()
@@ -656,71 +954,6 @@ impl Inner {
             }
         }
         txn.commit().map_err(|e| self.err(e))
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.write_lock
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Runs `f` in one write transaction; commits when it changed something, then publishes the
-    /// events of the new revision. An error from `f` aborts the transaction.
-    fn write<T>(
-        &self,
-        now_ms: i64,
-        f: impl FnOnce(&mut Writer<'_>) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        let _guard = self.lock();
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        let revision = read_meta(self, &txn, META_REVISION)?;
-        let mut w = Writer {
-            inner: self,
-            txn: &txn,
-            revision,
-            now_ms,
-            events: Vec::new(),
-            dirty: false,
-        };
-        let out = f(&mut w)?;
-        let Writer { events, dirty, .. } = w;
-        if events.is_empty() && !dirty {
-            txn.abort().map_err(|e| self.err(e))?;
-            return Ok(out);
-        }
-        let commit = if events.is_empty() {
-            None
-        } else {
-            let new_rev = revision + 1;
-            let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
-            meta.insert(META_REVISION, new_rev)
-                .map_err(|e| self.err(e))?;
-            let mut log = txn.open_table(EVENTS).map_err(|e| self.err(e))?;
-            log.insert(new_rev, encode_events(&events).as_slice())
-                .map_err(|e| self.err(e))?;
-            // Keep the last `history` revisions.
-            let oldest = new_rev - self.history + 1;
-            let compact = meta
-                .get(META_COMPACT)
-                .map_err(|e| self.err(e))?
-                .map(|g| g.value())
-                .unwrap_or(0);
-            if oldest > compact {
-                log.retain_in(..oldest, |_, _| false)
-                    .map_err(|e| self.err(e))?;
-                meta.insert(META_COMPACT, oldest).map_err(|e| self.err(e))?;
-            }
-            Some(Commit {
-                revision: new_rev,
-                events,
-            })
-        };
-        txn.commit().map_err(|e| self.err(e))?;
-        if let Some(commit) = commit {
-            // No receivers is fine: nobody watches.
-            let _ = self.events.send(Arc::new(commit));
-        }
-        Ok(out)
     }
 
     /// The current and compact revisions.
@@ -797,33 +1030,21 @@ impl Inner {
         Ok(LogRead::Commits(commits))
     }
 
-    /// Revokes the leases that expired by `now_ms`, each in its own revision (as etcd does).
-    fn reap_expired(&self, now_ms: i64) -> Result<usize, StoreError> {
-        let expired: Vec<LeaseId> = {
-            let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-            let leases = txn.open_table(LEASES).map_err(|e| self.err(e))?;
-            let mut out = Vec::new();
-            for item in leases.iter().map_err(|e| self.err(e))? {
-                let (id, rec) = item.map_err(|e| self.err(e))?;
-                let id = id.value();
-                let lease = LeaseRecord::decode(rec.value())
-                    .map_err(|why| self.corrupt(&format!("lease {id}"), why))?;
-                if lease.expired(now_ms) {
-                    out.push(id);
-                }
+    /// The leases that expired by `now_ms`.
+    fn expired_leases(&self, now_ms: i64) -> Result<Vec<LeaseId>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let leases = txn.open_table(LEASES).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for item in leases.iter().map_err(|e| self.err(e))? {
+            let (id, rec) = item.map_err(|e| self.err(e))?;
+            let id = id.value();
+            let lease = LeaseRecord::decode(rec.value())
+                .map_err(|why| self.corrupt(&format!("lease {id}"), why))?;
+            if lease.expired(now_ms) {
+                out.push(id);
             }
-            out
-        };
-        let mut n = 0;
-        for id in expired {
-            // Re-checked under the write lock: a keep-alive may have come in between.
-            let revoked = self.write(now_ms, |w| match w.lease(id)? {
-                Some(l) if l.expired(w.now_ms) => w.revoke(id),
-                _ => Ok(false),
-            })?;
-            n += usize::from(revoked);
         }
-        Ok(n)
+        Ok(out)
     }
 }
 
@@ -870,6 +1091,7 @@ impl Writer<'_> {
     }
 
     fn set_lease(&mut self, id: LeaseId, lease: LeaseRecord) -> Result<(), StoreError> {
+        self.wrote = true;
         let mut leases = self.txn.open_table(LEASES).map_err(|e| self.err(e))?;
         leases
             .insert(id, lease.encode().as_slice())
@@ -887,6 +1109,7 @@ impl Writer<'_> {
         prev: Option<Record>,
     ) -> Result<KeyValue, StoreError> {
         self.check_lease(lease)?;
+        self.wrote = true;
         let rev = self.pending_revision();
         let (create_revision, version) = match &prev {
             Some(p) => (p.create_revision, p.version + 1),
@@ -923,7 +1146,11 @@ impl Writer<'_> {
 
     /// A transaction ([`Store::txn`]): checks every compare, then every lease, and only then
     /// writes, so a refused transaction writes nothing.
-    fn txn(&mut self, compares: &[Compare], ops: &[TxnOp]) -> Result<Option<i64>, StoreError> {
+    fn apply_txn(
+        &mut self,
+        compares: &[Compare],
+        ops: &[TxnOp],
+    ) -> Result<Option<i64>, StoreError> {
         for c in compares {
             let current = self.record(&c.key)?.map_or(0, |r| r.mod_revision);
             if current != c.mod_revision {
@@ -970,8 +1197,38 @@ impl Writer<'_> {
         }
     }
 
+    /// Sets the metadata entry `key`.
+    fn set_meta(&mut self, key: &str, value: i64) -> Result<(), StoreError> {
+        self.wrote = true;
+        let mut meta = self.txn.open_table(META).map_err(|e| self.err(e))?;
+        meta.insert(key, value).map_err(|e| self.err(e))?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Discards the history before `revision` ([`Store::compact`]).
+    fn compact(&mut self, revision: i64) -> Result<(), StoreError> {
+        if revision > self.revision {
+            return Err(StoreError::Other(format!(
+                "cannot compact at revision {revision}: it is in the future (current revision {})",
+                self.revision
+            )));
+        }
+        let compact = read_meta(self.inner, self.txn, META_COMPACT)?;
+        if revision <= compact {
+            return Ok(());
+        }
+        self.wrote = true;
+        let mut log = self.txn.open_table(EVENTS).map_err(|e| self.err(e))?;
+        log.retain_in(..revision, |_, _| false)
+            .map_err(|e| self.err(e))?;
+        drop(log);
+        self.set_meta(META_COMPACT, revision)
+    }
+
     /// Deletes `key`, whose current state is `prev`.
     fn delete(&mut self, key: &str, prev: &Record) -> Result<(), StoreError> {
+        self.wrote = true;
         if prev.lease != 0 {
             let mut index = self
                 .txn
@@ -990,6 +1247,7 @@ impl Writer<'_> {
 
     /// Removes lease `id` and deletes its keys. Whether the lease existed.
     fn revoke(&mut self, id: LeaseId) -> Result<bool, StoreError> {
+        self.wrote = true;
         let existed = {
             let mut leases = self.txn.open_table(LEASES).map_err(|e| self.err(e))?;
             let removed = leases.remove(id).map_err(|e| self.err(e))?;
@@ -1027,7 +1285,11 @@ impl Writer<'_> {
 // Background tasks.
 
 /// Deletes the keys of expired leases every [`REAP_INTERVAL`] until `stop` fires or the store is gone.
-async fn reap_leases(store: Weak<Inner>, mut stop: oneshot::Receiver<()>) {
+async fn reap_leases(
+    store: Weak<Inner>,
+    committer: Weak<Committer>,
+    mut stop: oneshot::Receiver<()>,
+) {
     let mut tick = tokio::time::interval(REAP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_error: Option<String> = None;
@@ -1036,12 +1298,10 @@ async fn reap_leases(store: Weak<Inner>, mut stop: oneshot::Receiver<()>) {
             _ = &mut stop => return,
             _ = tick.tick() => {}
         }
-        let Some(inner) = store.upgrade() else { return };
-        let res = tokio::task::spawn_blocking(move || inner.reap_expired(now_ms())).await;
-        let err = match res {
-            Ok(Ok(_)) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(e) => Some(format!("task failed: {e}")),
+        let err = match reap_once(&store, &committer).await {
+            Ok(true) => None,
+            Ok(false) => return,
+            Err(e) => Some(e.to_string()),
         };
         if let Some(e) = &err {
             if last_error.as_ref() != Some(e) {
@@ -1050,6 +1310,43 @@ async fn reap_leases(store: Weak<Inner>, mut stop: oneshot::Receiver<()>) {
         }
         last_error = err;
     }
+}
+
+/// Revokes the leases expired by now, each by its own writer job (its own revision, as etcd does;
+/// the jobs share a commit). False when the store is gone.
+async fn reap_once(store: &Weak<Inner>, committer: &Weak<Committer>) -> Result<bool, StoreError> {
+    let Some(inner) = store.upgrade() else {
+        return Ok(false);
+    };
+    let now = now_ms();
+    let expired = tokio::task::spawn_blocking(move || inner.expired_leases(now))
+        .await
+        .map_err(|e| StoreError::Other(format!("task failed: {e}")))??;
+    if expired.is_empty() {
+        return Ok(true);
+    }
+    let answers = {
+        // Not held across an await: dropping the store stops the writer without waiting for us.
+        let Some(committer) = committer.upgrade() else {
+            return Ok(false);
+        };
+        let mut answers = Vec::with_capacity(expired.len());
+        for id in expired {
+            // Re-checked by the job: a keep-alive may have come in between.
+            answers.push(committer.submit(move |w| match w.lease(id)? {
+                Some(l) if l.expired(w.now_ms) => w.revoke(id),
+                _ => Ok(false),
+            })?);
+        }
+        answers
+    };
+    let mut first_error = None;
+    for answer in answers {
+        if let Err(e) = answer.get().await {
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(true), Err)
 }
 
 /// Sends the events of `commit` under `prefix`. False when the watcher is gone.
@@ -1168,15 +1465,13 @@ impl Store for EmbeddedStore {
         check_key(key)?;
         let (key, value) = (key.to_string(), value.to_vec());
         let lease = lease.unwrap_or(0);
-        self.blocking(move |i| {
-            i.write(now_ms(), |w| {
-                let prev = w.record(&key)?;
-                let current = prev.as_ref().map(|p| p.mod_revision).unwrap_or(0);
-                if current != expected {
-                    return Ok(None);
-                }
-                w.put(&key, &value, lease, prev).map(Some)
-            })
+        self.write(move |w| {
+            let prev = w.record(&key)?;
+            let current = prev.as_ref().map(|p| p.mod_revision).unwrap_or(0);
+            if current != expected {
+                return Ok(None);
+            }
+            w.put(&key, &value, lease, prev).map(Some)
         })
         .await
     }
@@ -1184,17 +1479,15 @@ impl Store for EmbeddedStore {
     async fn delete(&self, key: &str, expected: Option<i64>) -> Result<bool, StoreError> {
         check_key(key)?;
         let key = key.to_string();
-        self.blocking(move |i| {
-            i.write(now_ms(), |w| {
-                let Some(prev) = w.record(&key)? else {
-                    return Ok(false);
-                };
-                if expected.is_some_and(|e| e != prev.mod_revision) {
-                    return Ok(false);
-                }
-                w.delete(&key, &prev)?;
-                Ok(true)
-            })
+        self.write(move |w| {
+            let Some(prev) = w.record(&key)? else {
+                return Ok(false);
+            };
+            if expected.is_some_and(|e| e != prev.mod_revision) {
+                return Ok(false);
+            }
+            w.delete(&key, &prev)?;
+            Ok(true)
         })
         .await
     }
@@ -1215,49 +1508,41 @@ impl Store for EmbeddedStore {
             )));
         }
         let (compares, ops) = (compares.to_vec(), ops.to_vec());
-        self.blocking(move |i| i.write(now_ms(), |w| w.txn(&compares, &ops)))
-            .await
+        self.write(move |w| w.apply_txn(&compares, &ops)).await
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
         let ttl_secs = ttl_secs(ttl);
-        self.blocking(move |i| {
-            i.write(now_ms(), |w| {
-                let id = read_meta(w.inner, w.txn, META_NEXT_LEASE)?;
-                let mut meta = w.txn.open_table(META).map_err(|e| w.err(e))?;
-                meta.insert(META_NEXT_LEASE, id + 1).map_err(|e| w.err(e))?;
-                drop(meta);
-                let expiry_ms = w.now_ms.saturating_add(ttl_secs.saturating_mul(1000));
-                w.set_lease(
-                    id,
-                    LeaseRecord {
-                        ttl_secs,
-                        expiry_ms,
-                    },
-                )?;
-                Ok(id)
-            })
+        self.write(move |w| {
+            let id = read_meta(w.inner, w.txn, META_NEXT_LEASE)?;
+            w.set_meta(META_NEXT_LEASE, id + 1)?;
+            let expiry_ms = w.now_ms.saturating_add(ttl_secs.saturating_mul(1000));
+            w.set_lease(
+                id,
+                LeaseRecord {
+                    ttl_secs,
+                    expiry_ms,
+                },
+            )?;
+            Ok(id)
         })
         .await
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
-        self.blocking(move |i| {
-            i.write(now_ms(), |w| match w.lease(lease)? {
-                Some(mut l) if !l.expired(w.now_ms) => {
-                    l.expiry_ms = w.now_ms.saturating_add(l.ttl_secs.saturating_mul(1000));
-                    w.set_lease(lease, l)?;
-                    Ok(Duration::from_secs(l.ttl_secs.unsigned_abs()))
-                }
-                _ => Err(StoreError::LeaseNotFound(lease)),
-            })
+        self.write(move |w| match w.lease(lease)? {
+            Some(mut l) if !l.expired(w.now_ms) => {
+                l.expiry_ms = w.now_ms.saturating_add(l.ttl_secs.saturating_mul(1000));
+                w.set_lease(lease, l)?;
+                Ok(Duration::from_secs(l.ttl_secs.unsigned_abs()))
+            }
+            _ => Err(StoreError::LeaseNotFound(lease)),
         })
         .await
     }
 
     async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
-        self.blocking(move |i| i.write(now_ms(), |w| w.revoke(lease).map(|_| ())))
-            .await
+        self.write(move |w| w.revoke(lease).map(|_| ())).await
     }
 
     async fn watch(&self, prefix: &str, from_revision: i64) -> Result<Watch, StoreError> {
@@ -1281,29 +1566,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn compact(&self, revision: i64) -> Result<(), StoreError> {
-        self.blocking(move |i| {
-            i.write(now_ms(), |w| {
-                if revision > w.revision {
-                    return Err(StoreError::Other(format!(
-                        "cannot compact at revision {revision}: it is in the future (current \
-                         revision {})",
-                        w.revision
-                    )));
-                }
-                let compact = read_meta(w.inner, w.txn, META_COMPACT)?;
-                if revision <= compact {
-                    return Ok(());
-                }
-                let mut log = w.txn.open_table(EVENTS).map_err(|e| w.err(e))?;
-                log.retain_in(..revision, |_, _| false)
-                    .map_err(|e| w.err(e))?;
-                let mut meta = w.txn.open_table(META).map_err(|e| w.err(e))?;
-                meta.insert(META_COMPACT, revision).map_err(|e| w.err(e))?;
-                w.dirty = true;
-                Ok(())
-            })
-        })
-        .await
+        self.write(move |w| w.compact(revision)).await
     }
 
     fn describe(&self) -> String {
@@ -1530,5 +1793,163 @@ mod tests {
             last = kv.mod_revision;
         }
         assert_eq!(last, rev);
+    }
+
+    /// Queues a job that holds the writer for a moment, so that the jobs queued behind it form one
+    /// batch.
+    fn hold_writer(store: &EmbeddedStore) -> Answer<()> {
+        store
+            .committer
+            .as_ref()
+            .unwrap()
+            .submit(|_| {
+                std::thread::sleep(Duration::from_millis(200));
+                Ok(())
+            })
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_failing_after_writing_fails_alone_and_leaves_nothing() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
+        let start = store.list("/").await.unwrap().revision;
+        let mut w = store.watch("/g/", 0).await.unwrap();
+        let committer = store.committer.clone().unwrap();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let put = |key: &'static str| {
+            let runs = runs.clone();
+            committer
+                .submit(move |w| {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    w.put(key, b"v", 0, None)
+                })
+                .unwrap()
+        };
+        let held = hold_writer(&store);
+        let a = put("/g/a");
+        let bad = committer
+            .submit(|w| {
+                w.put("/g/bad", b"partial", 0, None)?;
+                Err::<(), _>(StoreError::Other("failed after writing".into()))
+            })
+            .unwrap();
+        let c = put("/g/c");
+        held.get().await.unwrap();
+        let (a, c) = (a.get().await.unwrap(), c.get().await.unwrap());
+        assert!(
+            matches!(bad.get().await, Err(StoreError::Other(m)) if m == "failed after writing")
+        );
+        // The batch was run again job by job: a twice (in the batch, then alone), c once (the
+        // batch stopped at the failure).
+        assert_eq!(runs.load(Ordering::SeqCst), 3);
+        assert_eq!((a.mod_revision, c.mod_revision), (start + 1, start + 2));
+        assert_eq!(store.get("/g/bad").await.unwrap(), None);
+        assert_eq!(store.get("/g/a").await.unwrap(), Some(a.clone()));
+        assert_eq!(store.get("/g/c").await.unwrap(), Some(c.clone()));
+        assert_eq!(w.events.recv().await.unwrap().unwrap(), Event::Put(a));
+        assert_eq!(w.events.recv().await.unwrap().unwrap(), Event::Put(c));
+        assert_eq!(store.list("/").await.unwrap().revision, start + 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refusal_or_a_panic_does_not_disturb_the_batch() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
+        let start = store.list("/").await.unwrap().revision;
+        let committer = store.committer.clone().unwrap();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let put = |key: &'static str| {
+            let runs = runs.clone();
+            committer
+                .submit(move |w| {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    w.put(key, b"v", 0, None)
+                })
+                .unwrap()
+        };
+
+        // A refusal before writing (an unknown lease) is just that job's answer.
+        let held = hold_writer(&store);
+        let a = put("/r/a");
+        let refused = store.keep_alive(424242);
+        let leased = store.create("/r/leased", b"x", Some(434343));
+        let c = put("/r/c");
+        let (_, a, refused, leased, c) =
+            tokio::join!(held.get(), a.get(), refused, leased, c.get());
+        assert!(matches!(refused, Err(StoreError::LeaseNotFound(424242))));
+        assert!(matches!(leased, Err(StoreError::LeaseNotFound(434343))));
+        assert_eq!(runs.load(Ordering::SeqCst), 2, "no re-run");
+        assert_eq!(
+            (a.unwrap().mod_revision, c.unwrap().mod_revision),
+            (start + 1, start + 2)
+        );
+
+        // A panicking job fails alone.
+        let held = hold_writer(&store);
+        let d = put("/r/d");
+        let boom = committer
+            .submit(|w| -> Result<(), StoreError> {
+                w.put("/r/boom", b"x", 0, None)?;
+                panic!("job panicked on purpose (test)")
+            })
+            .unwrap();
+        let e = put("/r/e");
+        held.get().await.unwrap();
+        assert!(matches!(boom.get().await, Err(StoreError::Other(m)) if m.contains("panicked")));
+        assert_eq!(d.get().await.unwrap().mod_revision, start + 3);
+        assert_eq!(e.get().await.unwrap().mod_revision, start + 4);
+        assert_eq!(store.get("/r/boom").await.unwrap(), None);
+        // The store goes on.
+        assert_eq!(
+            store
+                .create("/r/f", b"f", None)
+                .await
+                .unwrap()
+                .unwrap()
+                .mod_revision,
+            start + 5
+        );
+        drop(committer);
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writers_share_commits_with_a_revision_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let store = Arc::new(EmbeddedStore::open(&path).unwrap());
+        let start = store.list("/").await.unwrap().revision;
+        let mut w = store.watch("/c/", 0).await.unwrap();
+        let tasks: Vec<_> = (0..200)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store
+                        .create(&format!("/c/{i:03}"), b"v", None)
+                        .await
+                        .unwrap()
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut revs = Vec::new();
+        for t in tasks {
+            revs.push(t.await.unwrap().mod_revision);
+        }
+        revs.sort_unstable();
+        assert_eq!(revs, (start + 1..=start + 200).collect::<Vec<_>>());
+        for rev in start + 1..=start + 200 {
+            let e = w.events.recv().await.unwrap().unwrap();
+            assert_eq!(e.revision(), rev);
+        }
+        // Durable: everything is there after a reopen.
+        drop(w);
+        Arc::try_unwrap(store).unwrap().close().await.unwrap();
+        let store = EmbeddedStore::open(&path).unwrap();
+        let listing = store.list("/c/").await.unwrap();
+        assert_eq!((listing.kvs.len(), listing.revision), (200, start + 200));
     }
 }

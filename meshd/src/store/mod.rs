@@ -226,7 +226,8 @@ pub trait Store: Send + Sync + 'static {
     ///
     /// Errors: [`StoreError::LeaseNotFound`] when a put's lease does not exist (nothing written;
     /// only checked when the compares hold); [`StoreError::Other`] for an empty key or a key
-    /// written by more than one op (etcd refuses duplicate keys in a transaction).
+    /// written by more than one op (etcd refuses duplicate keys in a transaction), and on etcd for
+    /// more compares or ops than its `--max-txn-ops` (128 by default).
     async fn txn(&self, compares: &[Compare], ops: &[TxnOp]) -> Result<Option<i64>, StoreError>;
 
     /// Grants a lease with `ttl` (rounded up to whole seconds, at least 1 s).
