@@ -123,6 +123,13 @@ impl ApiClient {
             Some(b) => serde_json::to_vec(b).map_err(|e| ClientError::Other(e.to_string()))?,
             None => Vec::new(),
         };
+        if bytes.len() > super::MAX_BODY {
+            return Err(ClientError::Other(format!(
+                "{path}: a request of {} bytes exceeds the API's {}-byte limit",
+                bytes.len(),
+                super::MAX_BODY
+            )));
+        }
         let req = Request::builder()
             .method(method)
             .uri(path)
