@@ -232,3 +232,105 @@ pub async fn release(
     }
     Ok(store.delete(&key, Some(kv.mod_revision)).await?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::embedded::EmbeddedStore;
+
+    fn attrs(node: &str) -> LeaseAttrs {
+        LeaseAttrs {
+            public_ip: "192.0.2.1".parse().unwrap(),
+            public_ipv6: None,
+            backend_type: "wireguard".into(),
+            backend_data: BackendData {
+                public_key: "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into(),
+            },
+            meshd: Some(MeshdLease {
+                node: node.into(),
+                endpoint: "192.0.2.1:51820".parse().unwrap(),
+            }),
+        }
+    }
+
+    fn config() -> NetworkConfig {
+        NetworkConfig::with_defaults(
+            "10.244.0.0/16".parse().unwrap(),
+            overlay::Backend {
+                kind: "wireguard".into(),
+                listen_port: 51820,
+                persistent_keepalive_interval: 0,
+                mtu: 0,
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn lease_value_is_flannels_format_in_flannels_field_order() {
+        let mut a = attrs("n1");
+        a.meshd = None;
+        assert_eq!(
+            serde_json::to_string(&a).unwrap(),
+            r#"{"PublicIP":"192.0.2.1","PublicIPv6":null,"BackendType":"wireguard","BackendData":{"PublicKey":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}}"#
+        );
+    }
+
+    /// flannel-io/flannel#1289: a node whose lease expired while it was away must not take back a
+    /// subnet that was given to someone else meanwhile; it gets its old one back only if still free.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_returning_node_never_takes_back_a_subnet_given_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("state.redb")).unwrap();
+        let cfg = config();
+        let p = overlay::DEFAULT_PREFIX;
+        // n1 holds a subnet on a short lease and goes away.
+        let n1 = acquire(&store, p, &cfg, &attrs("n1"), None).await.unwrap();
+        let short = store.grant_lease(Duration::from_secs(1)).await.unwrap();
+        let v = serde_json::to_vec(&attrs("n1")).unwrap();
+        store
+            .compare_and_swap(&n1.kv.key, n1.kv.mod_revision, &v, Some(short))
+            .await
+            .unwrap()
+            .unwrap();
+        let mut gone = false;
+        for _ in 0..60 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if store.get(&n1.kv.key).await.unwrap().is_none() {
+                gone = true;
+                break;
+            }
+        }
+        assert!(gone, "the expired lease was reclaimed");
+        // n2 arrives and, preferring it, is given n1's old subnet.
+        let n2 = acquire(&store, p, &cfg, &attrs("n2"), Some(n1.subnet)).await.unwrap();
+        assert_eq!(n2.subnet, n1.subnet);
+        // n1 comes back and renews: it gets another subnet, n2 keeps its own.
+        let back = renew(&store, p, &cfg, &attrs("n1"), n1.subnet).await.unwrap();
+        assert_ne!(back.subnet, n1.subnet);
+        let held = list(&store, p).await.unwrap();
+        assert_eq!(held.len(), 2);
+        let owner = |s: Ipv4Net| held.iter().find(|(x, _, _)| *x == s).and_then(|(_, a, _)| a.meshd.clone()).map(|m| m.node);
+        assert_eq!(owner(n1.subnet).as_deref(), Some("n2"));
+        assert_eq!(owner(back.subnet).as_deref(), Some("n1"));
+        // A renewal of a live lease keeps the subnet and the key.
+        let again = renew(&store, p, &cfg, &attrs("n1"), back.subnet).await.unwrap();
+        assert_eq!(again.subnet, back.subnet);
+        // Releasing someone else's lease does nothing.
+        assert!(!release(&store, p, n1.subnet, "n1").await.unwrap());
+        assert!(release(&store, p, back.subnet, "n1").await.unwrap());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_expired_lease_is_taken_back_when_still_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("state.redb")).unwrap();
+        let cfg = config();
+        let p = overlay::DEFAULT_PREFIX;
+        let n1 = acquire(&store, p, &cfg, &attrs("n1"), None).await.unwrap();
+        store.revoke_lease(n1.kv.lease).await.unwrap();
+        assert!(store.get(&n1.kv.key).await.unwrap().is_none());
+        let back = renew(&store, p, &cfg, &attrs("n1"), n1.subnet).await.unwrap();
+        assert_eq!(back.subnet, n1.subnet);
+    }
+}

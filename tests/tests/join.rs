@@ -19,8 +19,8 @@ use hyper::Method;
 use ipnet::Ipv4Net;
 use meshd::api::client::{ApiClient, ClientError};
 use meshd::api::{
-    JoinRequest, JoinResponse, NodeCsrs, RenewLeaseRequest, RenewLeaseResponse, TokenCreateRequest,
-    TokenCreateResponse, TokenInfo,
+    JoinRequest, JoinResponse, NodeCerts, NodeCsrs, RenewLeaseRequest, RenewLeaseResponse,
+    TokenCreateRequest, TokenCreateResponse, TokenInfo,
 };
 use meshd::leases::LeaseAttrs;
 use meshd::registry::NodeRecord;
@@ -1776,4 +1776,104 @@ fn lease_survives_restart_etcd() {
     require_tool("etcd", "etcd-server");
     require_tool("etcdctl", "etcd-client");
     lease_survives_restart(Backend::Etcd);
+}
+
+/// A node renews its own certificates with its current node certificate (no token): new keys, new
+/// CSRs, identity and SANs from its registration; another node's identity or no certificate at all
+/// is refused.
+#[test]
+fn node_renews_its_own_certificates_with_its_node_certificate() {
+    require_tool("openssl", "openssl");
+    let cp = ControlPlane::new(Backend::Embedded);
+    let rt = runtime();
+    let nodes_root = tempdir("meshd-renew-nodes-");
+    let n1 = nodes_root.path().join("n1");
+    let t = cp.token(&[]);
+    cp.join_ok(&n1, "n1", "127.0.0.2", &t);
+    let addr: IpAddr = "127.0.0.2".parse().unwrap();
+    let node = meshd::join::node_client(&n1).expect("node client");
+
+    // Honest renewal: fresh keys, certificates for n1 only.
+    let keys: Vec<PrivateKey> = (0..4)
+        .map(|_| PrivateKey::generate(KeyAlgorithm::EcdsaP256).expect("key"))
+        .collect();
+    let ids = [
+        "kubelet.conf",
+        "kubelet-serving",
+        "kube-proxy.conf",
+        "meshd-node",
+    ];
+    let csr = |i: usize| pki::csr::build_csr(&profile("n1", addr, ids[i]), &keys[i]).expect("csr");
+    let req = NodeCsrs {
+        kubelet_client: csr(0),
+        kubelet_serving: csr(1),
+        kube_proxy: csr(2),
+        node_identity: csr(3),
+    };
+    let certs: NodeCerts = rt
+        .block_on(node.call(Method::POST, "/v1/certs/renew", Some(&req)))
+        .expect("renewal with the node certificate");
+    let work = tempdir("meshd-renew-certs-");
+    for (i, pem) in [
+        &certs.kubelet_client,
+        &certs.kubelet_serving,
+        &certs.kube_proxy,
+        &certs.node_identity,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let p = work.path().join(format!("{i}.crt"));
+        std::fs::write(&p, pem).unwrap();
+        let (ok, text) = openssl(&[
+            "verify",
+            "-CAfile",
+            path_str(&cp.dir.join("pki/ca.crt")),
+            path_str(&p),
+        ]);
+        assert!(ok, "{}: {text}", ids[i]);
+        let der = pki::inspect::pem_to_der(pem).unwrap();
+        assert!(
+            pki::inspect::key_matches(&der, &keys[i]).unwrap(),
+            "{} carries the new key",
+            ids[i]
+        );
+    }
+    assert_eq!(
+        openssl_sans(&work.path().join("1.crt")),
+        BTreeSet::from(["DNS:n1".to_owned(), "IP Address:127.0.0.2".to_owned()])
+    );
+    assert_eq!(
+        openssl_subject(&work.path().join("3.crt")),
+        "CN=system:node:n1,O=system:nodes"
+    );
+
+    // A CSR for another node, authenticated as n1: refused, naming the field.
+    let mut bad = req.clone();
+    bad.kubelet_serving =
+        pki::csr::build_csr(&profile("n2", addr, "kubelet-serving"), &keys[1]).unwrap();
+    let msg = expect_status(
+        rt.block_on(node.call::<NodeCerts>(Method::POST, "/v1/certs/renew", Some(&bad))),
+        403,
+        "renewal for another node",
+    );
+    assert!(
+        msg.contains("kubelet serving CSR") && msg.contains("subject CN"),
+        "{msg}"
+    );
+
+    // Without a node certificate (the pinned, anonymous client): refused.
+    let anon = cp.pinned(&t.ca_hash);
+    expect_status(
+        rt.block_on(anon.call::<NodeCerts>(Method::POST, "/v1/certs/renew", Some(&req))),
+        401,
+        "anonymous renewal",
+    );
+    // With the admin certificate: not a node, refused.
+    let admin = cp.admin();
+    expect_status(
+        rt.block_on(admin.call::<NodeCerts>(Method::POST, "/v1/certs/renew", Some(&req))),
+        401,
+        "admin renewal",
+    );
 }
