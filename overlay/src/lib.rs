@@ -11,6 +11,9 @@
 
 use std::net::Ipv4Addr;
 
+pub mod cni;
+pub mod peers;
+
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
