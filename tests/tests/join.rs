@@ -19,8 +19,8 @@ use hyper::Method;
 use ipnet::Ipv4Net;
 use meshd::api::client::{ApiClient, ClientError};
 use meshd::api::{
-    JoinRequest, JoinResponse, NodeCerts, NodeCsrs, RenewLeaseRequest, RenewLeaseResponse,
-    TokenCreateRequest, TokenCreateResponse, TokenInfo,
+    JoinRequest, JoinResponse, NodeCerts, NodeCsrs, PeerEvent, RenewLeaseRequest,
+    RenewLeaseResponse, TokenCreateRequest, TokenCreateResponse, TokenInfo,
 };
 use meshd::leases::LeaseAttrs;
 use meshd::registry::NodeRecord;
@@ -1876,4 +1876,60 @@ fn node_renews_its_own_certificates_with_its_node_certificate() {
         401,
         "admin renewal",
     );
+}
+
+/// The next event of a peer stream that is not a heartbeat (5 s at most).
+async fn next_event(
+    rx: &mut tokio::sync::mpsc::Receiver<Result<PeerEvent, ClientError>>,
+) -> PeerEvent {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+            Ok(Some(Ok(PeerEvent::Heartbeat))) => continue,
+            Ok(Some(Ok(e))) => return e,
+            other => panic!("no event: {other:?}"),
+        }
+    }
+}
+
+/// The peer stream: a snapshot of the registry, then every registration and removal as it happens;
+/// a caller without a client certificate is refused.
+#[test]
+fn peer_stream_follows_the_registry() {
+    let cp = ControlPlane::new(Backend::Embedded);
+    let rt = runtime();
+    let nodes_root = tempdir("meshd-watch-nodes-");
+    let t1 = cp.token(&[]);
+    cp.join_ok(&nodes_root.path().join("n1"), "n1", "127.0.0.2", &t1);
+    let node = meshd::join::node_client(&nodes_root.path().join("n1")).expect("node client");
+    rt.block_on(async {
+        let mut rx = node.watch_peers().await.expect("watch");
+        match next_event(&mut rx).await {
+            PeerEvent::Snapshot { nodes, .. } => {
+                assert_eq!(
+                    nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(),
+                    vec!["n1"]
+                );
+            }
+            other => panic!("expected a snapshot first, got {other:?}"),
+        }
+        let t2 = cp.token(&[]);
+        let started = Instant::now();
+        cp.join_ok(&nodes_root.path().join("n2"), "n2", "127.0.0.3", &t2);
+        match next_event(&mut rx).await {
+            PeerEvent::Put { node, .. } => assert_eq!(node.name, "n2"),
+            other => panic!("expected n2's registration, got {other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(5));
+        meshd_ok(&["node", "remove", "--data-dir", path_str(&cp.dir), "n1"]);
+        match next_event(&mut rx).await {
+            PeerEvent::Delete { name, .. } => assert_eq!(name, "n1"),
+            other => panic!("expected n1's removal, got {other:?}"),
+        }
+        let anon = cp.pinned(&t1.ca_hash);
+        match anon.watch_peers().await {
+            Err(ClientError::Status { status: 401, .. }) => {}
+            Err(e) => panic!("anonymous watch: expected 401, got {e}"),
+            Ok(_) => panic!("anonymous watch: expected 401, got a stream"),
+        }
+    });
 }

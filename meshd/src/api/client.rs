@@ -161,6 +161,131 @@ impl ApiClient {
     }
 }
 
+impl ApiClient {
+    /// Opens `GET /v1/peers/watch` and streams its events. The channel ends (after an `Err`) when
+    /// the connection breaks or stays silent for longer than three heartbeats; the caller keeps its
+    /// peers and reconnects.
+    pub async fn watch_peers(
+        &self,
+    ) -> Result<tokio::sync::mpsc::Receiver<Result<super::PeerEvent, ClientError>>, ClientError>
+    {
+        let setup = async {
+            let tcp = tokio::net::TcpStream::connect(&self.addr)
+                .await
+                .map_err(|e| ClientError::Connect {
+                    addr: self.addr.clone(),
+                    reason: e.to_string(),
+                })?;
+            let _ = tcp.set_nodelay(true);
+            let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
+            let tls = connector
+                .connect(self.server_name.clone(), tcp)
+                .await
+                .map_err(|e| ClientError::Tls {
+                    addr: self.addr.clone(),
+                    reason: e.to_string(),
+                })?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .map_err(|e| ClientError::Other(e.to_string()))?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            let req = Request::builder()
+                .method(Method::GET)
+                .uri("/v1/peers/watch")
+                .header("host", self.addr.as_str())
+                .body(Full::new(Bytes::new()))
+                .map_err(|e| ClientError::Other(e.to_string()))?;
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|e| ClientError::Other(e.to_string()))?;
+            Ok::<_, ClientError>(resp)
+        };
+        let resp = tokio::time::timeout(self.timeout, setup)
+            .await
+            .map_err(|_| {
+                ClientError::Other(format!(
+                    "{}: no answer within {:?}",
+                    self.addr, self.timeout
+                ))
+            })??;
+        let status = resp.status();
+        if !status.is_success() {
+            let body = Limited::new(resp.into_body(), 64 * 1024)
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let message = serde_json::from_slice::<ErrorBody>(&body)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+            return Err(ClientError::Status {
+                status: status.as_u16(),
+                message,
+            });
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let mut body = resp.into_body();
+        tokio::spawn(async move {
+            let mut buf: Vec<u8> = Vec::new();
+            loop {
+                let frame = match tokio::time::timeout(Duration::from_secs(45), body.frame()).await
+                {
+                    Err(_) => {
+                        let _ = tx
+                            .send(Err(ClientError::Other(
+                                "peer stream silent for 45 s".into(),
+                            )))
+                            .await;
+                        return;
+                    }
+                    Ok(None) => {
+                        let _ = tx
+                            .send(Err(ClientError::Other(
+                                "peer stream closed by the server".into(),
+                            )))
+                            .await;
+                        return;
+                    }
+                    Ok(Some(Err(e))) => {
+                        let _ = tx
+                            .send(Err(ClientError::Other(format!("peer stream: {e}"))))
+                            .await;
+                        return;
+                    }
+                    Ok(Some(Ok(f))) => f,
+                };
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                buf.extend_from_slice(&data);
+                if buf.len() > 64 * 1024 * 1024 {
+                    let _ = tx
+                        .send(Err(ClientError::Other(
+                            "peer stream: a line over 64 MiB".into(),
+                        )))
+                        .await;
+                    return;
+                }
+                while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=pos).collect();
+                    let ev = serde_json::from_slice::<super::PeerEvent>(&line[..line.len() - 1])
+                        .map_err(|e| {
+                            ClientError::Other(format!("peer stream: malformed event: {e}"))
+                        });
+                    let stop = ev.is_err();
+                    if tx.send(ev).await.is_err() || stop {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(rx)
+    }
+}
+
 /// Splits `host:port` or `[v6]:port`.
 pub fn split_host_port(s: &str) -> Option<(&str, u16)> {
     if let Some(rest) = s.strip_prefix('[') {

@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `GET /v1/info` | nothing (server time and cluster name; only after the client checked the CA pin) |
 //! | `POST /v1/join` | a bootstrap token in the body |
-//! | `POST /v1/lease/renew`, `POST /v1/certs/renew`, `GET /v1/nodes` | the node's client certificate (`system:node:<name>`, O `system:nodes`) |
+//! | `POST /v1/lease/renew`, `POST /v1/certs/renew`, `GET /v1/nodes`, `GET /v1/peers/watch` | the node's client certificate (`system:node:<name>`, O `system:nodes`) |
 //! | `POST/GET /v1/tokens`, `DELETE /v1/tokens/<id>`, `DELETE /v1/nodes/<name>` | an admin client certificate (O `meshd:admins`) |
 //!
 //! Request bodies are capped at [`MAX_BODY`] before parsing.
@@ -95,6 +95,35 @@ pub struct JoinResponse {
     pub apiserver_url: String,
     /// The cluster name.
     pub cluster_name: String,
+}
+
+/// One line of the `GET /v1/peers/watch` stream (newline-delimited JSON).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum PeerEvent {
+    /// Every registered node at `revision` (sent first, and again after the server had to re-list).
+    Snapshot {
+        /// Store revision of the listing.
+        revision: i64,
+        /// The nodes.
+        nodes: Vec<NodeRecord>,
+    },
+    /// A node was registered or changed.
+    Put {
+        /// Store revision.
+        revision: i64,
+        /// Its new record.
+        node: NodeRecord,
+    },
+    /// A node was removed.
+    Delete {
+        /// Store revision.
+        revision: i64,
+        /// Its name.
+        name: String,
+    },
+    /// Nothing happened for a while; the stream is alive.
+    Heartbeat,
 }
 
 /// `POST /v1/lease/renew`: the node's current subnet.

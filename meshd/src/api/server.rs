@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -106,15 +107,15 @@ impl ApiError {
     }
 }
 
-type HttpResponse = Response<Full<Bytes>>;
+type HttpResponse = Response<BoxBody<Bytes, Infallible>>;
 
 fn json<T: Serialize>(status: StatusCode, v: &T) -> HttpResponse {
     let body = serde_json::to_vec(v).unwrap_or_else(|_| b"{}".to_vec());
     Response::builder()
         .status(status)
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+        .body(Full::new(Bytes::from(body)).boxed())
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
 }
 
 fn error_response(e: ApiError) -> HttpResponse {
@@ -214,7 +215,7 @@ pub async fn serve(
 }
 
 async fn route(
-    state: &ApiState,
+    state: &Arc<ApiState>,
     id: &Identity,
     peer: SocketAddr,
     req: Request<Incoming>,
@@ -251,6 +252,13 @@ async fn route(
                 Err(e) => Err(e),
             },
             Err(e) => Err(e),
+        },
+        (&Method::GET, "/v1/peers/watch") => match id {
+            Identity::Anonymous => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "a node or admin client certificate is required",
+            )),
+            _ => watch_peers(state.clone()).await,
         },
         (&Method::GET, "/v1/nodes") => match id {
             Identity::Anonymous => Err(ApiError::new(
@@ -743,6 +751,113 @@ async fn renew_certs(state: &ApiState, node: &str, csrs: NodeCsrs) -> Result<Nod
     let certs = sign_node_csrs(state, node, &rec.addresses, &csrs, SystemTime::now())?;
     log(format!("node {node}: certificates renewed"));
     Ok(certs)
+}
+
+/// How often the peer stream says it is alive when nothing happens.
+const HEARTBEAT: Duration = Duration::from_secs(15);
+
+/// `GET /v1/peers/watch`: a snapshot of the registry, then every change, as newline-delimited JSON.
+/// The control plane watches the store; when the store's history no longer reaches back (compaction)
+/// or the store watch breaks, it re-lists and sends a new snapshot. A client that stops reading is
+/// dropped.
+async fn watch_peers(state: Arc<ApiState>) -> Result<HttpResponse, ApiError> {
+    use hyper::body::Frame;
+    let first = snapshot(&state).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(64);
+    tokio::spawn(async move {
+        let line = |e: &PeerEvent| {
+            let mut v = serde_json::to_vec(e).unwrap_or_default();
+            v.push(b'\n');
+            Ok(Frame::data(Bytes::from(v)))
+        };
+        let mut snap = Some(first);
+        loop {
+            let (revision, event) = match snap.take() {
+                Some(s) => s,
+                None => match snapshot(&state).await {
+                    Ok(s) => s,
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                },
+            };
+            if tx.send(line(&event)).await.is_err() {
+                return;
+            }
+            let mut watch = match state.store.watch(registry::PREFIX, revision + 1).await {
+                Ok(w) => w,
+                Err(e) => {
+                    log(format!("peer stream: store watch failed ({e}); re-listing"));
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            loop {
+                let next = tokio::time::timeout(HEARTBEAT, watch.events.recv()).await;
+                let ev = match next {
+                    Err(_) => PeerEvent::Heartbeat,
+                    Ok(None) => break,
+                    Ok(Some(Err(e))) => {
+                        log(format!("peer stream: {e}; re-listing"));
+                        break;
+                    }
+                    Ok(Some(Ok(crate::store::Event::Put(kv)))) => {
+                        match serde_json::from_slice::<NodeRecord>(&kv.value) {
+                            Ok(node) => PeerEvent::Put {
+                                revision: kv.mod_revision,
+                                node,
+                            },
+                            Err(e) => {
+                                log(format!(
+                                    "peer stream: skipping corrupt node record {}: {e}",
+                                    kv.key
+                                ));
+                                continue;
+                            }
+                        }
+                    }
+                    Ok(Some(Ok(crate::store::Event::Delete { key, mod_revision }))) => {
+                        PeerEvent::Delete {
+                            revision: mod_revision,
+                            name: key.trim_start_matches(registry::PREFIX).to_owned(),
+                        }
+                    }
+                };
+                if tx.send(line(&ev)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/x-ndjson")
+        .body(BodyExt::boxed(body))
+        .map_err(ApiError::internal)
+}
+
+async fn snapshot(state: &ApiState) -> Result<(i64, PeerEvent), ApiError> {
+    let listing = state
+        .store
+        .list(registry::PREFIX)
+        .await
+        .map_err(ApiError::internal)?;
+    let mut nodes = Vec::with_capacity(listing.kvs.len());
+    for kv in &listing.kvs {
+        match serde_json::from_slice::<NodeRecord>(&kv.value) {
+            Ok(n) => nodes.push(n),
+            Err(e) => log(format!("skipping corrupt node record {}: {e}", kv.key)),
+        }
+    }
+    Ok((
+        listing.revision,
+        PeerEvent::Snapshot {
+            revision: listing.revision,
+            nodes,
+        },
+    ))
 }
 
 async fn list_nodes(state: &ApiState) -> Result<Vec<NodeRecord>, ApiError> {
