@@ -303,18 +303,29 @@ mod tests {
         }
         assert!(gone, "the expired lease was reclaimed");
         // n2 arrives and, preferring it, is given n1's old subnet.
-        let n2 = acquire(&store, p, &cfg, &attrs("n2"), Some(n1.subnet)).await.unwrap();
+        let n2 = acquire(&store, p, &cfg, &attrs("n2"), Some(n1.subnet))
+            .await
+            .unwrap();
         assert_eq!(n2.subnet, n1.subnet);
         // n1 comes back and renews: it gets another subnet, n2 keeps its own.
-        let back = renew(&store, p, &cfg, &attrs("n1"), n1.subnet).await.unwrap();
+        let back = renew(&store, p, &cfg, &attrs("n1"), n1.subnet)
+            .await
+            .unwrap();
         assert_ne!(back.subnet, n1.subnet);
         let held = list(&store, p).await.unwrap();
         assert_eq!(held.len(), 2);
-        let owner = |s: Ipv4Net| held.iter().find(|(x, _, _)| *x == s).and_then(|(_, a, _)| a.meshd.clone()).map(|m| m.node);
+        let owner = |s: Ipv4Net| {
+            held.iter()
+                .find(|(x, _, _)| *x == s)
+                .and_then(|(_, a, _)| a.meshd.clone())
+                .map(|m| m.node)
+        };
         assert_eq!(owner(n1.subnet).as_deref(), Some("n2"));
         assert_eq!(owner(back.subnet).as_deref(), Some("n1"));
         // A renewal of a live lease keeps the subnet and the key.
-        let again = renew(&store, p, &cfg, &attrs("n1"), back.subnet).await.unwrap();
+        let again = renew(&store, p, &cfg, &attrs("n1"), back.subnet)
+            .await
+            .unwrap();
         assert_eq!(again.subnet, back.subnet);
         // Releasing someone else's lease does nothing.
         assert!(!release(&store, p, n1.subnet, "n1").await.unwrap());
@@ -330,7 +341,9 @@ mod tests {
         let n1 = acquire(&store, p, &cfg, &attrs("n1"), None).await.unwrap();
         store.revoke_lease(n1.kv.lease).await.unwrap();
         assert!(store.get(&n1.kv.key).await.unwrap().is_none());
-        let back = renew(&store, p, &cfg, &attrs("n1"), n1.subnet).await.unwrap();
+        let back = renew(&store, p, &cfg, &attrs("n1"), n1.subnet)
+            .await
+            .unwrap();
         assert_eq!(back.subnet, n1.subnet);
     }
 }
