@@ -159,6 +159,16 @@ pub fn init(
         });
     }
     items.push(ensure_sa(&data_dir, alg)?);
+    let (_, created) = crate::wgkey::ensure(&data_dir)?;
+    items.push(ReportItem {
+        name: "wireguard".into(),
+        path: crate::wgkey::private_path(&data_dir),
+        action: if created {
+            Action::Created
+        } else {
+            Action::Kept
+        },
+    });
 
     Ok(InitReport {
         ca_hash: format!("sha256:{}", cas.cluster.spki_sha256()),

@@ -7,11 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context};
-use base64::Engine;
 use hyper::Method;
 use pki::csr;
 use pki::inventory::{self, Entry, Output};
-use pki::keys::{KeyAlgorithm, PrivateKey, SecretPem};
+use pki::keys::{KeyAlgorithm, PrivateKey};
 use pki::kubeconfig::{self, ClientCredential, KubeconfigSpec, PemSource};
 use pki::store::{self, PairStore};
 use serde::Serialize;
@@ -57,19 +56,6 @@ pub struct JoinSummary {
     pub files: Vec<PathBuf>,
     /// WireGuard public key.
     pub wireguard_public_key: String,
-}
-
-fn wireguard_keypair() -> anyhow::Result<(SecretPem, String)> {
-    use ring::rand::SecureRandom;
-    let mut bytes = zeroize::Zeroizing::new([0u8; 32]);
-    ring::rand::SystemRandom::new()
-        .fill(bytes.as_mut())
-        .map_err(|_| anyhow::anyhow!("the system random source failed"))?;
-    let secret = x25519_dalek::StaticSecret::from(*bytes);
-    let public = x25519_dalek::PublicKey::from(&secret);
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let private = SecretPem::new(format!("{}\n", b64.encode(secret.to_bytes())));
-    Ok((private, b64.encode(public.as_bytes())))
 }
 
 fn entry<'a>(entries: &'a [Entry], id: &str) -> anyhow::Result<&'a Entry> {
@@ -145,7 +131,7 @@ pub async fn join(o: &JoinOptions) -> anyhow::Result<JoinSummary> {
         keys.push(k);
     }
     let wg_path = data_dir.join("wireguard/private.key");
-    let (wg_private, wg_public) = wireguard_keypair()?;
+    let (wg_private, wg_public) = crate::wgkey::generate()?;
     let endpoint = o
         .endpoint
         .unwrap_or(SocketAddr::new(o.advertise_address, o.wireguard_port));

@@ -61,6 +61,43 @@ impl LeaseAttrs {
     }
 }
 
+/// The lease attributes of node `name`: its public IPv4 (the endpoint's, else its first IPv4
+/// address), IPv6, WireGuard key and endpoint.
+pub fn attrs_for(
+    name: &str,
+    addresses: &[std::net::IpAddr],
+    key: &str,
+    endpoint: SocketAddr,
+) -> LeaseAttrs {
+    let v4 = match endpoint.ip() {
+        std::net::IpAddr::V4(a) => Some(a),
+        _ => None,
+    }
+    .or_else(|| {
+        addresses.iter().find_map(|a| match a {
+            std::net::IpAddr::V4(a) => Some(*a),
+            _ => None,
+        })
+    })
+    .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
+    let v6 = addresses.iter().find_map(|a| match a {
+        std::net::IpAddr::V6(a) => Some(*a),
+        _ => None,
+    });
+    LeaseAttrs {
+        public_ip: v4,
+        public_ipv6: v6,
+        backend_type: "wireguard".into(),
+        backend_data: BackendData {
+            public_key: key.to_owned(),
+        },
+        meshd: Some(MeshdLease {
+            node: name.to_owned(),
+            endpoint,
+        }),
+    }
+}
+
 /// Errors of lease operations.
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {

@@ -128,6 +128,12 @@ pub async fn run_control_plane(
     let tls = crate::tls::server_config(&chain, api.key_pem.expose(), ca.cert_pem())?;
     let store = open_store(data_dir, &cfg).await?;
     let network = ensure_network_config(store.as_ref(), &cfg.store.prefix, s.cluster_cidr).await?;
+    let (wg_public, _) = crate::wgkey::ensure(data_dir)?;
+    let me = register_self(store.as_ref(), &cfg.store.prefix, &network, &s, &wg_public).await?;
+    log(format!(
+        "control plane {} registered in the mesh: subnet {}, endpoint {}",
+        me.name, me.subnet, me.endpoint
+    ));
     let addr = listen.unwrap_or(SocketAddr::new(s.advertise_address, s.api_port));
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -146,6 +152,29 @@ pub async fn run_control_plane(
         "meshd API listening on https://{local} (store: {})",
         store.describe()
     ));
+    // Keep the control plane's own subnet lease alive.
+    let renew_store = store.clone();
+    let renew_prefix = cfg.store.prefix.clone();
+    let renew_network = state.network.clone();
+    let renew_settings = s.clone();
+    let renewer = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(LEASE_RENEW_EVERY).await;
+            if let Err(e) = register_self(
+                renew_store.as_ref(),
+                &renew_prefix,
+                &renew_network,
+                &renew_settings,
+                &wg_public,
+            )
+            .await
+            {
+                log(format!(
+                    "renewing the control plane's own lease failed: {e:#}"
+                ));
+            }
+        }
+    });
     let (_tls_tx, tls_rx) = watch::channel(tls);
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(server::serve(listener, tls_rx, state, stop_rx));
@@ -153,6 +182,7 @@ pub async fn run_control_plane(
     log("shutting down");
     let _ = stop_tx.send(true);
     let _ = server.await;
+    renewer.abort();
     Ok(())
 }
 
@@ -228,6 +258,81 @@ fn rand_u16() -> u16 {
     let mut b = [0u8; 2];
     let _ = ring::rand::SystemRandom::new().fill(&mut b);
     u16::from_le_bytes(b)
+}
+
+/// Registers (or refreshes) the control plane itself as a mesh node: its WireGuard key, endpoint and
+/// a subnet lease, keeping the subnet it had.
+pub async fn register_self(
+    store: &dyn Store,
+    prefix: &str,
+    network: &overlay::NetworkConfig,
+    s: &pki::inventory::ClusterSettings,
+    wireguard_public_key: &str,
+) -> anyhow::Result<crate::registry::NodeRecord> {
+    use crate::registry::{self, NodeRecord};
+    let key = registry::key(&s.node_name);
+    let existing = store.get(&key).await?;
+    let previous: Option<NodeRecord> = match &existing {
+        Some(kv) => Some(
+            serde_json::from_slice(&kv.value)
+                .with_context(|| format!("{key} in the store is not a node record"))?,
+        ),
+        None => None,
+    };
+    if let Some(p) = &previous {
+        if !p.control_plane && p.wireguard_public_key != wireguard_public_key {
+            bail!(
+                "node name {:?} is registered to a joined node (key {}); this control plane cannot take it over",
+                s.node_name,
+                p.wireguard_public_key
+            );
+        }
+    }
+    let endpoint = SocketAddr::new(s.advertise_address, network.backend.listen_port);
+    let addresses = vec![s.advertise_address];
+    let attrs = crate::leases::attrs_for(&s.node_name, &addresses, wireguard_public_key, endpoint);
+    let lease = crate::leases::acquire(
+        store,
+        prefix,
+        network,
+        &attrs,
+        previous.as_ref().map(|p| p.subnet),
+    )
+    .await?;
+    let record = NodeRecord {
+        version: registry::RECORD_VERSION,
+        name: s.node_name.clone(),
+        addresses,
+        wireguard_public_key: wireguard_public_key.to_owned(),
+        endpoint,
+        subnet: lease.subnet,
+        control_plane: true,
+        registered: previous.as_ref().map(|p| p.registered).unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        }),
+    };
+    let bytes = serde_json::to_vec(&record)?;
+    match (&existing, &previous) {
+        (Some(_), Some(p)) if *p == record => {}
+        (Some(kv), _) => {
+            if store
+                .compare_and_swap(&key, kv.mod_revision, &bytes, None)
+                .await?
+                .is_none()
+            {
+                bail!("{key} changed while this control plane registered itself; restart meshd");
+            }
+        }
+        (None, _) => {
+            if store.create(&key, &bytes, None).await?.is_none() {
+                bail!("{key} appeared while this control plane registered itself; restart meshd");
+            }
+        }
+    }
+    Ok(record)
 }
 
 /// Resolves on SIGINT or SIGTERM.

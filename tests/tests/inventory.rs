@@ -1296,7 +1296,11 @@ fn second_init_keeps_everything() {
 
     let report = init_json(&d.path);
     let items = report["items"].as_array().expect("items");
-    assert_eq!(items.len(), 3 + inventory().len() + 1, "CAs, leaves, sa");
+    assert_eq!(
+        items.len(),
+        3 + inventory().len() + 2,
+        "CAs, leaves, sa, wireguard"
+    );
     for i in items {
         assert_eq!(i["action"], "kept", "second init: {i}");
     }

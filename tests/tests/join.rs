@@ -598,7 +598,16 @@ impl ControlPlane {
             .unwrap_or_else(|| panic!("token {id} is not listed"))
     }
 
+    /// The joined nodes (the control plane registers itself too: see [`Self::all_nodes`]).
     fn nodes(&self) -> Vec<NodeRecord> {
+        self.all_nodes()
+            .into_iter()
+            .filter(|n| !n.control_plane)
+            .collect()
+    }
+
+    /// Every registered node, the control plane included.
+    fn all_nodes(&self) -> Vec<NodeRecord> {
         serde_json::from_str(&meshd_ok(&[
             "node",
             "list",
@@ -876,6 +885,14 @@ fn join_end_to_end_on_loopback() {
     assert!(cluster_cidr().contains(&subnet) && subnet.prefix_len() == 24);
 
     // The registry has the node as it joined.
+    // The control plane is a mesh node too, registered by `meshd run`.
+    let cps: Vec<NodeRecord> = cp
+        .all_nodes()
+        .into_iter()
+        .filter(|n| n.control_plane)
+        .collect();
+    assert_eq!(cps.len(), 1, "{cps:?}");
+    assert_eq!(cps[0].name, "cp1");
     let nodes = cp.nodes();
     assert_eq!(nodes.len(), 1, "{nodes:?}");
     let rec = &nodes[0];
@@ -1558,7 +1575,13 @@ fn concurrent_joins(backend: Backend) {
         assert_eq!(listed, got, "node list");
         if backend == Backend::Etcd {
             let keys = cp.etcd().keys("/coreos.com/network/subnets/");
-            let want: BTreeSet<String> = subnets.iter().map(|s| lease_key(*s)).collect();
+            // Every joined node's lease, and the control plane's own.
+            let want: BTreeSet<String> = cp
+                .all_nodes()
+                .into_iter()
+                .map(|n| lease_key(n.subnet))
+                .collect();
+            assert_eq!(want.len(), subnets.len() + 1);
             assert_eq!(keys, want, "lease keys in etcd");
         }
         for t in &tokens {
@@ -1907,7 +1930,7 @@ fn peer_stream_follows_the_registry() {
             PeerEvent::Snapshot { nodes, .. } => {
                 assert_eq!(
                     nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(),
-                    vec!["n1"]
+                    vec!["cp1", "n1"]
                 );
             }
             other => panic!("expected a snapshot first, got {other:?}"),

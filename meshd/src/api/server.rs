@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::*;
-use crate::leases::{self, BackendData, LeaseAttrs, MeshdLease};
+use crate::leases::{self, LeaseAttrs};
 use crate::registry::{self, NodeRecord};
 use crate::store::Store;
 use crate::tokens::{self, Token, TokenRecord};
@@ -482,41 +482,6 @@ async fn admit_token(
     Ok((kv, rec))
 }
 
-fn lease_attrs(
-    name: &str,
-    addresses: &[std::net::IpAddr],
-    key: &str,
-    endpoint: SocketAddr,
-) -> LeaseAttrs {
-    let v4 = match endpoint.ip() {
-        std::net::IpAddr::V4(a) => Some(a),
-        _ => None,
-    }
-    .or_else(|| {
-        addresses.iter().find_map(|a| match a {
-            std::net::IpAddr::V4(a) => Some(*a),
-            _ => None,
-        })
-    })
-    .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
-    let v6 = addresses.iter().find_map(|a| match a {
-        std::net::IpAddr::V6(a) => Some(*a),
-        _ => None,
-    });
-    LeaseAttrs {
-        public_ip: v4,
-        public_ipv6: v6,
-        backend_type: "wireguard".into(),
-        backend_data: BackendData {
-            public_key: key.to_owned(),
-        },
-        meshd: Some(MeshdLease {
-            node: name.to_owned(),
-            endpoint,
-        }),
-    }
-}
-
 /// Registers a node. Every refusal happens before any state changes, and the registration itself is
 /// one store transaction: the token use, the node record and the subnet lease are written together
 /// or not at all (a single-use token can never admit two nodes, a subnet is never leased twice, a
@@ -551,7 +516,7 @@ async fn join(
     {
         return Err(name_taken(&r.node_name));
     }
-    let attrs = lease_attrs(
+    let attrs = leases::attrs_for(
         &r.node_name,
         &r.addresses,
         &r.wireguard_public_key,
@@ -718,7 +683,7 @@ async fn renew_lease(
             r.subnet, rec.subnet
         )));
     }
-    let attrs = lease_attrs(
+    let attrs = leases::attrs_for(
         node,
         &rec.addresses,
         &rec.wireguard_public_key,
