@@ -59,6 +59,17 @@ pub enum Command {
     Node(NodeCommand),
 }
 
+impl std::fmt::Debug for JoinArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinArgs")
+            .field("server", &self.server)
+            .field("token", &"<redacted>")
+            .field("ca_hash", &self.ca_hash)
+            .field("node_name", &self.node_name)
+            .finish_non_exhaustive()
+    }
+}
+
 /// `meshd run` options.
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -132,8 +143,8 @@ pub enum NodeCommand {
     },
 }
 
-/// `meshd join` options.
-#[derive(Debug, Args)]
+/// `meshd join` options. `Debug` leaves the token out.
+#[derive(Args)]
 pub struct JoinArgs {
     #[command(flatten)]
     /// Data directory of this node.
@@ -225,13 +236,14 @@ pub struct InitArgs {
     /// Key type of new keys: ecdsa-p256 (default) or ecdsa-p384.
     #[arg(long, default_value = "ecdsa-p256")]
     pub key_type: String,
-    /// Where the cluster state lives: a file in the data directory, or etcd.
-    #[arg(long, value_enum, default_value_t = crate::settings::StoreKind::Embedded)]
-    pub store: crate::settings::StoreKind,
+    /// Where the cluster state lives: a file in the data directory (embedded, the default of a first
+    /// init), or etcd. A re-run keeps what meshd.json records and refuses to change it.
+    #[arg(long, value_enum)]
+    pub store: Option<crate::settings::StoreKind>,
     /// etcd endpoints (https://HOST:PORT, comma-separated) for `--store etcd`; meshd authenticates
-    /// with `pki/etcd/meshd-client.crt`.
+    /// with `pki/etcd/meshd-client.crt`. A re-run keeps the recorded ones and refuses to change them.
     #[arg(long, value_delimiter = ',')]
-    pub etcd_endpoints: Vec<String>,
+    pub etcd_endpoints: Option<Vec<String>>,
     /// Output format of the report.
     #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
@@ -265,10 +277,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Init(args) => {
             let s = args.settings()?;
-            let store = crate::settings::StoreConfig {
+            let store = crate::init::StoreOptions {
                 kind: args.store,
                 etcd_endpoints: args.etcd_endpoints.clone(),
-                prefix: overlay::DEFAULT_PREFIX.to_string(),
             };
             let report = crate::init::init(&args.dir.data_dir, &s, &store, SystemTime::now())?;
             match args.output {
@@ -416,6 +427,7 @@ fn render_init(r: &crate::init::InitReport) -> String {
             Action::Created => format!("created   {:<26} {rel}", it.name),
             Action::Kept => format!("kept      {:<26} {rel}", it.name),
             Action::Reissued(why) => format!("reissued  {:<26} {rel} ({why})", it.name),
+            Action::Updated(why) => format!("updated   {:<26} {rel} ({why})", it.name),
         };
         out.push_str(&line);
         out.push('\n');
@@ -430,9 +442,14 @@ fn render_init(r: &crate::init::InitReport) -> String {
         .iter()
         .filter(|i| matches!(i.action, Action::Reissued(_)))
         .count();
-    let kept = r.items.len() - created - reissued;
+    let updated = r
+        .items
+        .iter()
+        .filter(|i| matches!(i.action, Action::Updated(_)))
+        .count();
+    let kept = r.items.len() - created - reissued - updated;
     out.push_str(&format!(
-        "\n{}: {created} created, {reissued} reissued, {kept} kept\ncluster CA pin (for `meshd join --ca-hash`): {}\n",
+        "\n{}: {created} created, {reissued} reissued, {updated} updated, {kept} kept\ncluster CA pin (for `meshd join --ca-hash`): {}\n",
         r.data_dir.display(),
         r.ca_hash
     ));

@@ -24,8 +24,8 @@ use crate::tls::{self, PinnedCaVerifier};
 /// 5 minutes; beyond this they could be "not yet valid" here).
 pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(4 * 60);
 
-/// Options of `meshd join`.
-#[derive(Clone, Debug)]
+/// Options of `meshd join`. `Debug` leaves the token out.
+#[derive(Clone)]
 pub struct JoinOptions {
     /// Data directory of this node.
     pub data_dir: PathBuf,
@@ -43,6 +43,19 @@ pub struct JoinOptions {
     pub wireguard_port: u16,
     /// WireGuard endpoint other nodes use (default: advertise address and port).
     pub endpoint: Option<SocketAddr>,
+}
+
+impl std::fmt::Debug for JoinOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinOptions")
+            .field("data_dir", &self.data_dir)
+            .field("server", &self.server)
+            .field("token", &"<redacted>")
+            .field("ca_hash", &self.ca_hash)
+            .field("node_name", &self.node_name)
+            .field("advertise_address", &self.advertise_address)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What join did.

@@ -151,12 +151,12 @@ pub async fn list(
         let Some(subnet) = overlay::parse_lease_key(prefix, &kv.key) else {
             continue;
         };
-        let attrs: LeaseAttrs =
-            serde_json::from_slice(&kv.value).map_err(|e| LeaseError::Corrupt {
-                key: kv.key.clone(),
-                reason: e.to_string(),
-            })?;
-        out.push((subnet, attrs, kv));
+        // A lease meshd cannot read (another tool's, say) still holds its subnet (see
+        // [`taken_subnets`]); it is only left out of the attribute search.
+        match serde_json::from_slice::<LeaseAttrs>(&kv.value) {
+            Ok(attrs) => out.push((subnet, attrs, kv)),
+            Err(e) => crate::api::server::log(format!("skipping unreadable lease {}: {e}", kv.key)),
+        }
     }
     Ok(out)
 }
@@ -214,7 +214,8 @@ pub async fn acquire(
                 }
             }
         }
-        let taken: BTreeSet<Ipv4Net> = leases.iter().map(|(s, _, _)| *s).collect();
+        // Every leased subnet counts as taken, readable or not.
+        let taken = taken_subnets(store, prefix).await?;
         let subnet = cfg.choose_subnet(&taken, preferred, random_seed())?;
         let key = overlay::lease_key(prefix, subnet);
         let lease = store.grant_lease(LEASE_TTL).await?;

@@ -32,6 +32,19 @@ pub struct NodeRecord {
     pub control_plane: bool,
     /// Registration time, Unix seconds.
     pub registered: u64,
+    /// SHA-256 of the SubjectPublicKeyInfo of the node's meshd identity certificate: only a
+    /// certificate with this key speaks for the node (a removed node's, or a kubelet's certificate
+    /// with the same name, does not).
+    #[serde(default)]
+    pub identity_sha256: String,
+}
+
+/// Store prefix of address claims: each node address belongs to one node.
+pub const ADDRESSES_PREFIX: &str = "/meshd/addresses/";
+
+/// The store key claiming address `ip` for a node.
+pub fn address_key(ip: &IpAddr) -> String {
+    format!("{ADDRESSES_PREFIX}{ip}")
 }
 
 /// The store key of node `name`.

@@ -145,7 +145,8 @@ pub async fn run_control_plane(
         settings: s.clone(),
         network,
         prefix: cfg.store.prefix.clone(),
-        server_addr: local.to_string(),
+        // What nodes dial (the bind address may be a wildcard).
+        server_addr: SocketAddr::new(s.advertise_address, s.api_port).to_string(),
         csr_limits: CsrLimits::default(),
     });
     log(format!(
@@ -307,6 +308,8 @@ pub async fn register_self(
         endpoint,
         subnet: lease.subnet,
         control_plane: true,
+        // The control plane does not call its own API as a node.
+        identity_sha256: String::new(),
         registered: previous.as_ref().map(|p| p.registered).unwrap_or_else(|| {
             std::time::SystemTime::now()
                 .duration_since(std::time::SystemTime::UNIX_EPOCH)

@@ -110,21 +110,95 @@ pub fn server_config(
     Ok(Arc::new(cfg))
 }
 
-/// A client that trusts `ca_pem` and presents `cert_pem`/`key_pem` (mTLS).
+/// The subject CN of the meshd API's server certificate.
+pub const API_SERVER_CN: &str = "meshd-api";
+
+/// The cluster CA also signs node serving certificates; a client of the meshd API accepts only the
+/// API's own certificate (CN `meshd-api`), so a node certificate naming the same address can never
+/// stand in for the control plane.
+fn check_api_server_identity(end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+    let info = pki::inspect::inspect_der(end_entity)
+        .map_err(|e| rustls::Error::General(format!("server certificate: {e}")))?;
+    if info.common_name.as_deref() != Some(API_SERVER_CN) {
+        return Err(rustls::Error::General(format!(
+            "the server certificate is for {:?}, not the meshd API ({API_SERVER_CN})",
+            info.common_name.unwrap_or_default()
+        )));
+    }
+    Ok(())
+}
+
+/// Verifies the meshd API's certificate under the cluster CA, then checks it is the API's own.
+#[derive(Debug)]
+struct ApiServerVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+}
+
+impl ServerCertVerifier for ApiServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ok = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        check_api_server_identity(end_entity)?;
+        Ok(ok)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// A client of the meshd API: trusts `ca_pem` for the API's own certificate only (CN `meshd-api`)
+/// and presents `cert_pem`/`key_pem` (mTLS).
 pub fn client_config(
     ca_pem: &str,
     cert_pem: &str,
     key_pem: &str,
 ) -> Result<Arc<ClientConfig>, TlsError> {
-    let cfg = ClientConfig::builder_with_provider(provider())
+    let inner =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots(ca_pem)?, provider())
+            .build()
+            .map_err(|e| TlsError::Rustls(e.to_string()))?;
+    let mut cfg = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Rustls(e.to_string()))?
-        .with_root_certificates(roots(ca_pem)?)
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ApiServerVerifier { inner }))
         .with_client_auth_cert(
             certs_from_pem("client certificate", cert_pem)?,
             key_from_pem("client key", key_pem)?,
         )
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }
 
@@ -187,6 +261,7 @@ impl ServerCertVerifier for PinnedCaVerifier {
             .build()
             .map_err(|e| rustls::Error::General(e.to_string()))?;
             let ok = inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)?;
+            check_api_server_identity(end_entity)?;
             if let Ok(mut g) = self.matched_ca.lock() {
                 *g = Some(cand.to_vec());
             }

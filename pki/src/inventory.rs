@@ -392,8 +392,18 @@ pub fn control_plane_entries(s: &ClusterSettings) -> Result<Vec<Entry>> {
     peer_ips.extend(s.etcd_peer_addresses.iter().copied());
     dedup(&mut peer_ips);
     let etcd_dns = vec![node.clone(), "localhost".to_string()];
+    // The meshd API is dialled at the advertise address, or at the names and addresses operators
+    // add for the API server (a NAT address, a DNS name).
     let mut meshd_ips = vec![adv, loopbacks[0]];
+    let mut meshd_dns = vec![node.clone(), "localhost".to_string()];
+    for san in &s.apiserver_cert_sans {
+        match san.parse::<IpAddr>() {
+            Ok(ip) => meshd_ips.push(ip),
+            Err(_) => meshd_dns.push(san.to_ascii_lowercase()),
+        }
+    }
     dedup(&mut meshd_ips);
+    dedup(&mut meshd_dns);
 
     let mut v = vec![
         Entry {
@@ -501,7 +511,7 @@ pub fn control_plane_entries(s: &ClusterSettings) -> Result<Vec<Entry>> {
             profile: LeafProfile {
                 common_name: "meshd-api".into(),
                 organizations: vec![],
-                dns_names: vec![node.clone(), "localhost".into()],
+                dns_names: meshd_dns,
                 ip_addresses: meshd_ips,
                 usage: Usage::Server,
             },

@@ -1871,6 +1871,19 @@ fn node_renews_its_own_certificates_with_its_node_certificate() {
         "CN=system:node:n1,O=system:nodes"
     );
 
+    // The renewal moved n1's identity to the new key: the old certificate no longer speaks for it.
+    expect_status(
+        rt.block_on(node.call::<NodeCerts>(Method::POST, "/v1/certs/renew", Some(&req))),
+        401,
+        "renewal with the replaced certificate",
+    );
+    let ca_pem = read(&cp.dir.join("pki/ca.crt"));
+    let node = ApiClient::new(
+        &cp.server(),
+        meshd::tls::client_config(&ca_pem, &certs.node_identity, keys[3].to_pem().expose())
+            .expect("tls"),
+    )
+    .expect("client");
     // A CSR for another node, authenticated as n1: refused, naming the field.
     let mut bad = req.clone();
     bad.kubelet_serving =
@@ -1955,4 +1968,125 @@ fn peer_stream_follows_the_registry() {
             Ok(_) => panic!("anonymous watch: expected 401, got a stream"),
         }
     });
+}
+
+/// What a node may claim: never the control plane's or the cluster services' names and addresses,
+/// never another node's address; a removed node's certificate no longer speaks for it; and a node's
+/// own serving certificate (signed by the same CA) cannot stand in for the meshd API.
+#[test]
+fn nodes_cannot_claim_what_is_not_theirs() {
+    let cp = ControlPlane::new(Backend::Embedded);
+    let rt = runtime();
+    let t = cp.token(&["--uses", "20"]);
+    let client = cp.pinned(&t.ca_hash);
+    let refused = |name: &str, addr: &str, status: u16, field: &str| {
+        let req = join_request(&t.token, name, addr.parse().unwrap());
+        let msg = expect_status(
+            rt.block_on(api_join(&client, &req)),
+            status,
+            &format!("{name}@{addr}"),
+        );
+        assert!(msg.contains(field), "{name}@{addr}: {msg}");
+    };
+    for name in [
+        "cp1",
+        "kubernetes",
+        "kubernetes.default",
+        "localhost",
+        "api.cluster.local",
+        "x.svc",
+    ] {
+        refused(name, "127.0.0.50", 403, "node_name");
+    }
+    for addr in ["127.0.0.1", "10.96.0.1", "10.244.3.7", "169.254.10.10"] {
+        refused("n9", addr, 403, "addresses");
+    }
+    let nodes_root = tempdir("meshd-claims-nodes-");
+    let n1 = nodes_root.path().join("n1");
+    let t1 = cp.token(&[]);
+    cp.join_ok(&n1, "n1", "127.0.0.2", &t1);
+    refused(
+        "n2",
+        "127.0.0.2",
+        409,
+        "addresses: 127.0.0.2 is registered to node \"n1\"",
+    );
+    assert_eq!(cp.token_info(&t.id).used, 0, "no refused join spent a use");
+
+    // A node's serving certificate is signed by the cluster CA and names 127.0.0.2: served by an
+    // impostor there, it must not pass a joining node's pin check, and no token may reach it.
+    let chain = format!(
+        "{}{}",
+        read(&n1.join("kubelet/pki/kubelet.crt")),
+        read(&cp.dir.join("pki/ca.crt"))
+    );
+    let key = read(&n1.join("kubelet/pki/kubelet.key"));
+    let cfg = meshd::tls::server_config(&chain, &key, &read(&cp.dir.join("pki/ca.crt")))
+        .expect("impostor tls");
+    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.2:0"))
+        .expect("bind");
+    let impostor = listener.local_addr().unwrap();
+    let seen2 = seen.clone();
+    rt.spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let acceptor = tokio_rustls::TlsAcceptor::from(cfg.clone());
+            let seen = seen2.clone();
+            tokio::spawn(async move {
+                if let Ok(mut tls) = acceptor.accept(s).await {
+                    let mut buf = [0u8; 1024];
+                    if let Ok(n) = tls.read(&mut buf).await {
+                        if n > 0 {
+                            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let victim = nodes_root.path().join("victim");
+    let t2 = cp.token(&[]);
+    let out = run(Command::new(meshd_bin()).args([
+        "join",
+        "--data-dir",
+        path_str(&victim),
+        "--server",
+        &impostor.to_string(),
+        "--token",
+        &t2.token,
+        "--ca-hash",
+        &t2.ca_hash,
+        "--node-name",
+        "victim",
+        "--advertise-address",
+        "127.0.0.9",
+    ]));
+    assert!(!out.status.success(), "the join went through an impostor");
+    assert!(
+        stderr(&out).contains("not the meshd API"),
+        "{}",
+        describe(&out)
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        seen.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the impostor received a request"
+    );
+
+    // Removed: n1's certificate no longer opens the API.
+    let node = meshd::join::node_client(&n1).expect("node client");
+    assert!(rt
+        .block_on(node.call::<Vec<NodeRecord>>(Method::GET, "/v1/nodes", None::<&()>))
+        .is_ok());
+    meshd_ok(&["node", "remove", "--data-dir", path_str(&cp.dir), "n1"]);
+    expect_status(
+        rt.block_on(node.call::<Vec<NodeRecord>>(Method::GET, "/v1/nodes", None::<&()>)),
+        401,
+        "a removed node",
+    );
+    // Its address is free again.
+    let t3 = cp.token(&[]);
+    cp.join_ok(&nodes_root.path().join("n3"), "n3", "127.0.0.2", &t3);
 }

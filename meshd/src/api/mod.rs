@@ -61,8 +61,8 @@ pub struct NodeCerts {
     pub node_identity: String,
 }
 
-/// `POST /v1/join`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// `POST /v1/join`. `Debug` leaves the token out.
+#[derive(Clone, Serialize, Deserialize)]
 pub struct JoinRequest {
     /// `id.secret`.
     pub token: String,
@@ -152,8 +152,8 @@ pub struct TokenCreateRequest {
     pub description: String,
 }
 
-/// The answer to `POST /v1/tokens`: the only time the secret is shown.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// The answer to `POST /v1/tokens`: the only time the secret is shown. `Debug` leaves it out.
+#[derive(Clone, Serialize, Deserialize)]
 pub struct TokenCreateResponse {
     /// `id.secret`.
     pub token: String,
@@ -188,4 +188,27 @@ pub struct TokenInfo {
 pub struct ErrorBody {
     /// What was wrong.
     pub error: String,
+}
+
+impl std::fmt::Debug for JoinRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinRequest")
+            .field("token", &"<redacted>")
+            .field("node_name", &self.node_name)
+            .field("addresses", &self.addresses)
+            .field("wireguard_public_key", &self.wireguard_public_key)
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for TokenCreateResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenCreateResponse")
+            .field("token", &"<redacted>")
+            .field("ca_hash", &self.ca_hash)
+            .field("server", &self.server)
+            .field("expires", &self.expires)
+            .finish()
+    }
 }

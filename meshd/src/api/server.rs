@@ -48,8 +48,14 @@ pub struct ApiState {
 pub enum Identity {
     /// No (usable) client certificate.
     Anonymous,
-    /// `system:node:<name>` in `system:nodes`.
-    Node(String),
+    /// `system:node:<name>` in `system:nodes`, with the SHA-256 of its certificate's public key
+    /// (checked against the node's registration before anything is done for it).
+    Node {
+        /// Node name.
+        name: String,
+        /// SHA-256 of the certificate's SubjectPublicKeyInfo, hex.
+        spki_sha256: String,
+    },
     /// A member of `meshd:admins`.
     Admin(String),
 }
@@ -70,7 +76,10 @@ fn identity_of(cert_der: Option<&[u8]>) -> Identity {
     }
     if info.organizations.iter().any(|o| o == "system:nodes") {
         if let Some(name) = cn.strip_prefix("system:node:") {
-            return Identity::Node(name.to_owned());
+            return Identity::Node {
+                name: name.to_owned(),
+                spki_sha256: info.spki_sha256,
+            };
         }
     }
     Identity::Anonymous
@@ -108,6 +117,13 @@ impl ApiError {
 }
 
 type HttpResponse = Response<BoxBody<Bytes, Infallible>>;
+
+/// Most connections served at once.
+const MAX_CONNECTIONS: usize = 4096;
+/// Longest a request (reading its body included) may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// A peer stream whose reader does not take an event for this long is dropped.
+const STREAM_SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn json<T: Serialize>(status: StatusCode, v: &T) -> HttpResponse {
     let body = serde_json::to_vec(v).unwrap_or_else(|_| b"{}".to_vec());
@@ -158,6 +174,8 @@ pub async fn serve(
     state: Arc<ApiState>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // At most this many connections at once; more are closed at once (peer streams count too).
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -171,11 +189,18 @@ pub async fn serve(
                 continue;
             }
         };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            log(format!(
+                "refusing {peer}: {MAX_CONNECTIONS} connections already open"
+            ));
+            continue;
+        };
         // Small request/response exchanges: without this, Nagle + delayed ACK stall each call ~40 ms.
         let _ = stream.set_nodelay(true);
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.borrow().clone());
         let state = state.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let tls_stream = match tokio::time::timeout(
                 Duration::from_secs(10),
                 acceptor.accept(stream),
@@ -203,7 +228,19 @@ pub async fn serve(
             let svc = hyper::service::service_fn(move |req| {
                 let state = state.clone();
                 let id = id.clone();
-                async move { Ok::<_, Infallible>(route(&state, &id, peer, req).await) }
+                async move {
+                    // Bounds a slow body or a stuck store; peer streams return once their first
+                    // snapshot is ready and stream on afterwards.
+                    let res = tokio::time::timeout(REQUEST_TIMEOUT, route(&state, &id, peer, req))
+                        .await
+                        .unwrap_or_else(|_| {
+                            error_response(ApiError::new(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "the request took too long",
+                            ))
+                        });
+                    Ok::<_, Infallible>(res)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -236,8 +273,8 @@ async fn route(
             Err(e) => Err(e),
         },
         (&Method::POST, "/v1/lease/renew") => match need_node(id) {
-            Ok(node) => match body::<RenewLeaseRequest>(req).await {
-                Ok(r) => renew_lease(state, &node, r)
+            Ok((node, spki)) => match body::<RenewLeaseRequest>(req).await {
+                Ok(r) => renew_lease(state, &node, &spki, r)
                     .await
                     .map(|r| json(StatusCode::OK, &r)),
                 Err(e) => Err(e),
@@ -245,8 +282,8 @@ async fn route(
             Err(e) => Err(e),
         },
         (&Method::POST, "/v1/certs/renew") => match need_node(id) {
-            Ok(node) => match body::<NodeCsrs>(req).await {
-                Ok(r) => renew_certs(state, &node, r)
+            Ok((node, spki)) => match body::<NodeCsrs>(req).await {
+                Ok(r) => renew_certs(state, &node, &spki, r)
                     .await
                     .map(|r| json(StatusCode::OK, &r)),
                 Err(e) => Err(e),
@@ -258,14 +295,26 @@ async fn route(
                 StatusCode::UNAUTHORIZED,
                 "a node or admin client certificate is required",
             )),
-            _ => watch_peers(state.clone()).await,
+            Identity::Node { name, spki_sha256 } => {
+                match authorize_node(state, name, spki_sha256).await {
+                    Ok(_) => watch_peers(state.clone()).await,
+                    Err(e) => Err(e),
+                }
+            }
+            Identity::Admin(_) => watch_peers(state.clone()).await,
         },
         (&Method::GET, "/v1/nodes") => match id {
             Identity::Anonymous => Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "a node or admin client certificate is required",
             )),
-            _ => list_nodes(state).await.map(|r| json(StatusCode::OK, &r)),
+            Identity::Node { name, spki_sha256 } => {
+                match authorize_node(state, name, spki_sha256).await {
+                    Ok(_) => list_nodes(state).await.map(|r| json(StatusCode::OK, &r)),
+                    Err(e) => Err(e),
+                }
+            }
+            Identity::Admin(_) => list_nodes(state).await.map(|r| json(StatusCode::OK, &r)),
         },
         (&Method::POST, "/v1/tokens") => match need_admin(id) {
             Ok(()) => match body::<TokenCreateRequest>(req).await {
@@ -300,9 +349,9 @@ async fn route(
     res.unwrap_or_else(error_response)
 }
 
-fn need_node(id: &Identity) -> Result<String, ApiError> {
+fn need_node(id: &Identity) -> Result<(String, String), ApiError> {
     match id {
-        Identity::Node(n) => Ok(n.clone()),
+        Identity::Node { name, spki_sha256 } => Ok((name.clone(), spki_sha256.clone())),
         _ => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "this call needs the node's client certificate",
@@ -455,6 +504,65 @@ fn validate_join(r: &JoinRequest) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Names and addresses no node may claim: a node's serving certificate names them, so a node
+/// holding one could impersonate the API server, the meshd API, etcd or the control plane.
+fn check_claims(s: &ClusterSettings, r: &JoinRequest) -> Result<(), ApiError> {
+    let refuse = |field: &str, what: String| {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("{field}: {what}"),
+        ))
+    };
+    let name = r.node_name.as_str();
+    let domain = s.cluster_domain.as_str();
+    let mut reserved_names: Vec<String> = vec![s.node_name.clone(), "localhost".into()];
+    let mut reserved_ips: Vec<std::net::IpAddr> = vec![s.advertise_address];
+    reserved_ips.extend(s.etcd_peer_addresses.iter().copied());
+    if let Ok(entries) = pki::inventory::control_plane_entries(s) {
+        for e in entries.iter().filter(|e| {
+            matches!(
+                e.id,
+                "apiserver" | "meshd-api" | "etcd-server" | "etcd-peer"
+            )
+        }) {
+            reserved_names.extend(e.profile.dns_names.iter().cloned());
+            reserved_ips.extend(e.profile.ip_addresses.iter().copied());
+        }
+    }
+    if reserved_names.iter().any(|n| n.eq_ignore_ascii_case(name))
+        || name.starts_with("kubernetes")
+        || name == domain
+        || name.ends_with(&format!(".{domain}"))
+        || name.ends_with(".svc")
+    {
+        return refuse(
+            "node_name",
+            format!("{name:?} is reserved for the control plane or cluster services"),
+        );
+    }
+    // A control plane on a loopback address is a single-machine trial: its nodes live on loopback too.
+    let loopback_ok = s.advertise_address.is_loopback();
+    for a in &r.addresses {
+        let link_local = match a {
+            std::net::IpAddr::V4(v4) => v4.is_link_local() || v4.is_broadcast(),
+            std::net::IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+        };
+        if link_local || (a.is_loopback() && !loopback_ok) {
+            return refuse("addresses", format!("{a} cannot identify a node"));
+        }
+        if s.service_cidr.contains(a) || s.cluster_cidr.contains(a) {
+            return refuse(
+                "addresses",
+                format!("{a} lies in the cluster's service or pod network"),
+            );
+        }
+        if reserved_ips.contains(a) {
+            return refuse("addresses", format!("{a} belongs to the control plane"));
+        }
+    }
+    Ok(())
+}
+
 /// Reads the token's record and checks that `token` may join now, without consuming a use. Every
 /// refusal is logged with its reason; the caller gets the generic [`token_rejected`].
 async fn admit_token(
@@ -506,6 +614,7 @@ async fn join(
     // learns nothing about the cluster (not even which node names are taken) and costs no
     // signatures.
     admit_token(store, &token, now).await?;
+    check_claims(&state.settings, &r)?;
     // Sign before registering: a CSR for another identity is refused before anything is written.
     let certs = sign_node_csrs(state, &r.node_name, &r.addresses, &r.csrs, now)?;
     if store
@@ -526,7 +635,8 @@ async fn join(
         .grant_lease(leases::LEASE_TTL)
         .await
         .map_err(ApiError::internal)?;
-    let registered = register(state, &r, &token, &attrs, store_lease, now).await;
+    let identity = identity_hash(&certs)?;
+    let registered = register(state, &r, &token, &attrs, store_lease, &identity, now).await;
     let record = match registered {
         Ok(rec) => rec,
         Err(e) => {
@@ -552,7 +662,11 @@ async fn join(
 fn name_taken(name: &str) -> ApiError {
     ApiError::new(
         StatusCode::CONFLICT,
-        format!("node_name: {name:?} is already registered to another node"),
+        format!(
+            "node_name: {name:?} is already registered to another node (if this node's earlier \
+             join was interrupted, remove it with `meshd node remove {name}` on the control plane \
+             and join with a new token)"
+        ),
     )
 }
 
@@ -571,9 +685,11 @@ async fn register(
     token: &Token,
     attrs: &LeaseAttrs,
     store_lease: crate::store::LeaseId,
+    identity: &str,
     now: SystemTime,
 ) -> Result<NodeRecord, ApiError> {
     use crate::store::{Compare, TxnOp};
+    let identity = identity.to_owned();
     let store = state.store.as_ref();
     let node_key = registry::key(&r.node_name);
     let lease_value = serde_json::to_vec(attrs).map_err(ApiError::internal)?;
@@ -595,9 +711,10 @@ async fn register(
             subnet,
             control_plane: false,
             registered: unix(now),
+            identity_sha256: identity.clone(),
         };
         let lease_key = overlay::lease_key(&state.prefix, subnet);
-        let compares = [
+        let mut compares = vec![
             Compare {
                 key: tkv.key.clone(),
                 mod_revision: tkv.mod_revision,
@@ -611,7 +728,7 @@ async fn register(
                 mod_revision: 0,
             },
         ];
-        let ops = [
+        let mut ops = vec![
             TxnOp::Put {
                 key: tkv.key.clone(),
                 value: serde_json::to_vec(&rec.consumed()).map_err(ApiError::internal)?,
@@ -628,6 +745,18 @@ async fn register(
                 lease: Some(store_lease),
             },
         ];
+        // Each address belongs to one node: its serving certificate names it.
+        for a in &r.addresses {
+            compares.push(Compare {
+                key: registry::address_key(a),
+                mod_revision: 0,
+            });
+            ops.push(TxnOp::Put {
+                key: registry::address_key(a),
+                value: r.node_name.as_bytes().to_vec(),
+                lease: None,
+            });
+        }
         if store
             .txn(&compares, &ops)
             .await
@@ -644,6 +773,21 @@ async fn register(
             .is_some()
         {
             return Err(name_taken(&r.node_name));
+        }
+        for a in &r.addresses {
+            if let Some(kv) = store
+                .get(&registry::address_key(a))
+                .await
+                .map_err(ApiError::internal)?
+            {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "addresses: {a} is registered to node {:?}",
+                        String::from_utf8_lossy(&kv.value)
+                    ),
+                ));
+            }
         }
     }
     Err(ApiError::new(
@@ -670,13 +814,42 @@ async fn get_node(
     Ok((rec, kv))
 }
 
+/// The registration of `name`, if `spki_sha256` is its registered identity key.
+async fn authorize_node(
+    state: &ApiState,
+    name: &str,
+    spki_sha256: &str,
+) -> Result<(NodeRecord, crate::store::KeyValue), ApiError> {
+    let (rec, kv) = get_node(state.store.as_ref(), name).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            format!("node {name:?} is not registered (was it removed?)"),
+        )
+    })?;
+    let ok = !rec.identity_sha256.is_empty()
+        && subtle::ConstantTimeEq::ct_eq(rec.identity_sha256.as_bytes(), spki_sha256.as_bytes())
+            .unwrap_u8()
+            == 1;
+    if !ok {
+        log(format!(
+            "refused a certificate for node {name}: its key is not the node's registered identity"
+        ));
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            format!("this certificate is not the registered meshd identity of node {name:?}"),
+        ));
+    }
+    Ok((rec, kv))
+}
+
 async fn renew_lease(
     state: &ApiState,
     node: &str,
+    spki: &str,
     r: RenewLeaseRequest,
 ) -> Result<RenewLeaseResponse, ApiError> {
     let store = state.store.as_ref();
-    let (mut rec, kv) = get_node(store, node).await?;
+    let (mut rec, kv) = authorize_node(state, node, spki).await?;
     if r.subnet != rec.subnet {
         return Err(ApiError::bad(format!(
             "subnet: {} is not this node's subnet {}",
@@ -699,10 +872,18 @@ async fn renew_lease(
         ));
         rec.subnet = lease.subnet;
         let bytes = serde_json::to_vec(&rec).map_err(ApiError::internal)?;
-        store
+        if store
             .compare_and_swap(&kv.key, kv.mod_revision, &bytes, None)
             .await
-            .map_err(ApiError::internal)?;
+            .map_err(ApiError::internal)?
+            .is_none()
+        {
+            // The record changed meanwhile (a removal, a concurrent renewal): the node retries.
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the node's registration changed during the renewal; retry",
+            ));
+        }
     }
     Ok(RenewLeaseResponse {
         subnet: lease.subnet,
@@ -711,11 +892,38 @@ async fn renew_lease(
 
 /// Renews a node's certificates: authenticated by its current node certificate (no token), new keys
 /// and CSRs from the node, identity and SANs from its registration.
-async fn renew_certs(state: &ApiState, node: &str, csrs: NodeCsrs) -> Result<NodeCerts, ApiError> {
-    let (rec, _) = get_node(state.store.as_ref(), node).await?;
+async fn renew_certs(
+    state: &ApiState,
+    node: &str,
+    spki: &str,
+    csrs: NodeCsrs,
+) -> Result<NodeCerts, ApiError> {
+    let (mut rec, kv) = authorize_node(state, node, spki).await?;
     let certs = sign_node_csrs(state, node, &rec.addresses, &csrs, SystemTime::now())?;
+    // From now on the new identity key speaks for the node.
+    rec.identity_sha256 = identity_hash(&certs)?;
+    let bytes = serde_json::to_vec(&rec).map_err(ApiError::internal)?;
+    if state
+        .store
+        .compare_and_swap(&kv.key, kv.mod_revision, &bytes, None)
+        .await
+        .map_err(ApiError::internal)?
+        .is_none()
+    {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the node's registration changed during the renewal; retry",
+        ));
+    }
     log(format!("node {node}: certificates renewed"));
     Ok(certs)
+}
+
+/// SHA-256 of the public key of the node identity certificate in `certs`.
+fn identity_hash(certs: &NodeCerts) -> Result<String, ApiError> {
+    pki::inspect::inspect_pem(&certs.node_identity)
+        .map(|i| i.spki_sha256)
+        .map_err(ApiError::internal)
 }
 
 /// How often the peer stream says it is alive when nothing happens.
@@ -723,8 +931,8 @@ const HEARTBEAT: Duration = Duration::from_secs(15);
 
 /// `GET /v1/peers/watch`: a snapshot of the registry, then every change, as newline-delimited JSON.
 /// The control plane watches the store; when the store's history no longer reaches back (compaction)
-/// or the store watch breaks, it re-lists and sends a new snapshot. A client that stops reading is
-/// dropped.
+/// or the store watch breaks, it re-lists and sends a new snapshot. A client that stops reading for
+/// longer than [`STREAM_SEND_TIMEOUT`] is dropped.
 async fn watch_peers(state: Arc<ApiState>) -> Result<HttpResponse, ApiError> {
     use hyper::body::Frame;
     let first = snapshot(&state).await?;
@@ -747,7 +955,11 @@ async fn watch_peers(state: Arc<ApiState>) -> Result<HttpResponse, ApiError> {
                     }
                 },
             };
-            if tx.send(line(&event)).await.is_err() {
+            if tx
+                .send_timeout(line(&event), STREAM_SEND_TIMEOUT)
+                .await
+                .is_err()
+            {
                 return;
             }
             let mut watch = match state.store.watch(registry::PREFIX, revision + 1).await {
@@ -789,7 +1001,11 @@ async fn watch_peers(state: Arc<ApiState>) -> Result<HttpResponse, ApiError> {
                         }
                     }
                 };
-                if tx.send(line(&ev)).await.is_err() {
+                if tx
+                    .send_timeout(line(&ev), STREAM_SEND_TIMEOUT)
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -846,10 +1062,39 @@ async fn remove_node(state: &ApiState, name: &str) -> Result<(), ApiError> {
             format!("node {name:?} is not registered"),
         )
     })?;
-    store
-        .delete(&kv.key, Some(kv.mod_revision))
+    if rec.control_plane {
+        return Err(ApiError::bad(format!(
+            "{name:?} is the control plane itself; it cannot be removed through its own API"
+        )));
+    }
+    // The record and the address claims go together.
+    use crate::store::{Compare, TxnOp};
+    let mut ops = vec![TxnOp::Delete {
+        key: kv.key.clone(),
+    }];
+    for a in &rec.addresses {
+        let k = registry::address_key(a);
+        if let Some(c) = store.get(&k).await.map_err(ApiError::internal)? {
+            if c.value == name.as_bytes() {
+                ops.push(TxnOp::Delete { key: k });
+            }
+        }
+    }
+    let cmp = [Compare {
+        key: kv.key.clone(),
+        mod_revision: kv.mod_revision,
+    }];
+    if store
+        .txn(&cmp, &ops)
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(ApiError::internal)?
+        .is_none()
+    {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the node's registration changed meanwhile; retry",
+        ));
+    }
     let _ = leases::release(store, &state.prefix, rec.subnet, name).await;
     log(format!(
         "node {name} removed; subnet {} released",
