@@ -145,6 +145,16 @@ fn fill(
         }
         row.problems.push(p.to_string());
     }
+    // The store holds the pair, but a consumer looking for it by its usual path finds nothing.
+    for p in &m.missing_links {
+        if row.status == "ok" {
+            row.status = "missing".into();
+        }
+        row.problems.push(format!(
+            "{} does not exist (the versioned store holds the pair: `meshd init` restores the link)",
+            p.display()
+        ));
+    }
     Some(a.der)
 }
 
@@ -170,12 +180,31 @@ fn check_node(
                 row.residual_seconds = Some(pki::time::seconds_until(info.not_after, now));
                 row.serial = Some(info.serial.clone());
                 row.key_algorithm = Some(info.key.algorithm.clone());
+                // The same checks as a control plane's CA rows, its key aside (it never leaves the
+                // control plane).
+                let mut problems = Vec::new();
                 if !info.is_ca {
-                    row.status = "not-a-ca".into();
-                    row.problems.push("not a CA certificate".into());
-                } else if now > info.not_after {
-                    row.status = "expired".into();
-                    row.problems.push("expired".into());
+                    problems.push(material::Problem::NotACa);
+                } else {
+                    match pki::inspect::verify_signed_by(&der, &der) {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => problems
+                            .push(material::Problem::WrongCa(format!("self-signature: {e}"))),
+                        Err(e) => problems
+                            .push(material::Problem::WrongCa(format!("self-signature: {e}"))),
+                    }
+                }
+                if now > info.not_after {
+                    problems.push(material::Problem::Expired);
+                }
+                if now < info.not_before {
+                    problems.push(material::Problem::NotYetValid);
+                }
+                for p in &problems {
+                    if row.status == "ok" {
+                        row.status = status_of(p).into();
+                    }
+                    row.problems.push(p.to_string());
                 }
                 Some(der)
             }
@@ -212,12 +241,45 @@ fn check_node(
 }
 
 /// Checks every CA and certificate of the data directory at time `now`.
+///
+/// A directory that does not exist, or holds neither `meshd.json` nor any certificate of the
+/// inventory, is an error ("… is not a meshd data directory"), not a report of missing rows.
 pub fn check(data_dir: &Path, now: SystemTime) -> anyhow::Result<Vec<Row>> {
-    if let Some(cfg) = settings::load_config(data_dir)? {
+    if !data_dir.is_dir() {
+        anyhow::bail!(
+            "{} is not a meshd data directory: {}",
+            data_dir.display(),
+            if data_dir.exists() {
+                "not a directory"
+            } else {
+                "it does not exist"
+            }
+        );
+    }
+    let cfg = settings::load_config(data_dir)?;
+    if let Some(cfg) = &cfg {
         if let (settings::Role::Node, Some(j)) = (cfg.role, &cfg.joined) {
             return check_node(data_dir, j, now);
         }
     }
+    let (rows, found_any) = check_control_plane(data_dir, now)?;
+    if cfg.is_none() && !found_any {
+        anyhow::bail!(
+            "{} is not a meshd data directory: it holds no {} and none of the inventory's certificates              (run `meshd init` or `meshd join`, or pass the right --data-dir)",
+            data_dir.display(),
+            settings::SETTINGS_FILE
+        );
+    }
+    Ok(rows)
+}
+
+/// The rows of a control plane, and whether any file of the inventory was found at all.
+fn check_control_plane(data_dir: &Path, now: SystemTime) -> anyhow::Result<(Vec<Row>, bool)> {
+    let mut found_any = false;
+    let mut seen = |f: Result<Found, pki::PkiError>| {
+        found_any |= !matches!(f, Ok(Found::Missing { .. }));
+        f
+    };
     let s = settings::load(data_dir)?;
     let have_settings = s.is_some();
     let s = s.unwrap_or_else(placeholder_settings);
@@ -230,7 +292,13 @@ pub fn check(data_dir: &Path, now: SystemTime) -> anyhow::Result<Vec<Row>> {
             true,
             id.name(),
         );
-        let der = fill(&mut row, material::read_ca(data_dir, id), None, None, now);
+        let der = fill(
+            &mut row,
+            seen(material::read_ca(data_dir, id)),
+            None,
+            None,
+            now,
+        );
         ca_ders.push((id, der));
         rows.push(row);
     }
@@ -246,7 +314,7 @@ pub fn check(data_dir: &Path, now: SystemTime) -> anyhow::Result<Vec<Row>> {
             Some(ca) => {
                 fill(
                     &mut row,
-                    material::read_entry(data_dir, e),
+                    seen(material::read_entry(data_dir, e)),
                     Some(ca),
                     expected,
                     now,
@@ -255,7 +323,7 @@ pub fn check(data_dir: &Path, now: SystemTime) -> anyhow::Result<Vec<Row>> {
             None => {
                 fill(
                     &mut row,
-                    material::read_entry(data_dir, e),
+                    seen(material::read_entry(data_dir, e)),
                     None,
                     expected,
                     now,
@@ -271,7 +339,7 @@ pub fn check(data_dir: &Path, now: SystemTime) -> anyhow::Result<Vec<Row>> {
         }
         rows.push(row);
     }
-    Ok(rows)
+    Ok((rows, found_any))
 }
 
 fn main_file(e: &Entry) -> PathBuf {
@@ -407,5 +475,109 @@ fn table(out: &mut String, head: &[&str], rows: &[Vec<String>]) {
     out.push_str(&line(head.to_vec()));
     for r in rows {
         out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A joined node's data directory holding `ca_pem` as its cluster CA.
+    fn node_dir(ca_pem: &str) -> tempfile::TempDir {
+        let d = tempfile::tempdir().expect("tempdir");
+        let cfg: settings::MeshdConfig = serde_json::from_value(serde_json::json!({
+            "version": settings::FORMAT_VERSION,
+            "role": "node",
+            "joined": {
+                "name": "n1",
+                "server": "127.0.0.1:7443",
+                "addresses": ["127.0.0.2"],
+                "endpoint": "127.0.0.2:51820",
+                "subnet": "10.244.5.0/24",
+                "network": {
+                    "Network": "10.244.0.0/16",
+                    "SubnetLen": 24,
+                    "SubnetMin": "10.244.1.0",
+                    "SubnetMax": "10.244.255.0",
+                    "Backend": {"Type": "wireguard"}
+                },
+                "apiserver_url": "https://127.0.0.1:6443",
+                "cluster_name": "kubernetes"
+            }
+        }))
+        .expect("meshd.json");
+        settings::save_config(d.path(), &cfg).expect("save");
+        pki::store::write_atomic(
+            &d.path().join("pki/ca.crt"),
+            ca_pem.as_bytes(),
+            pki::store::CERT_MODE,
+        )
+        .expect("ca.crt");
+        d
+    }
+
+    fn ca(now: SystemTime) -> pki::ca::CertificateAuthority {
+        pki::ca::CertificateAuthority::create(
+            "kubernetes",
+            pki::keys::KeyAlgorithm::EcdsaP256,
+            pki::ca::DEFAULT_CA_LIFETIME,
+            now,
+        )
+        .expect("CA")
+    }
+
+    fn ca_row(d: &Path) -> Row {
+        let rows = check(d, SystemTime::now()).expect("check");
+        rows.into_iter().find(|r| r.name == "ca").expect("a CA row")
+    }
+
+    #[test]
+    fn a_worker_ca_row_flags_not_yet_valid_and_a_bad_self_signature() {
+        let now = SystemTime::now();
+        let good = node_dir(ca(now).cert_pem());
+        let r = ca_row(good.path());
+        assert_eq!((r.status.as_str(), r.problems.len()), ("ok", 0), "{r:?}");
+
+        let future = node_dir(ca(now + Duration::from_secs(86400)).cert_pem());
+        let r = ca_row(future.path());
+        assert_eq!(r.status, "not-yet-valid", "{r:?}");
+        assert!(r.failed());
+
+        // Same certificate, one bit of its signature flipped: still parses, no longer self-signed.
+        let c = ca(now);
+        let mut der = c.cert_der().to_vec();
+        if let Some(last) = der.last_mut() {
+            *last ^= 1;
+        }
+        let pem = pem::encode(&pem::Pem::new("CERTIFICATE", der));
+        let bad = node_dir(&pem);
+        let r = ca_row(bad.path());
+        assert_eq!(r.status, "wrong-ca", "{r:?}");
+        assert!(
+            r.problems.iter().any(|p| p.contains("self-signature")),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn a_directory_without_settings_or_certificates_is_not_a_data_directory() {
+        let d = tempfile::tempdir().expect("tempdir");
+        for dir in [d.path().to_path_buf(), d.path().join("missing")] {
+            let e = check(&dir, SystemTime::now()).expect_err("not a data directory");
+            assert!(
+                e.to_string().contains("is not a meshd data directory"),
+                "{e}"
+            );
+        }
+        // One certificate is enough to get the report of what is missing.
+        pki::store::write_atomic(
+            &d.path().join("pki/ca.crt"),
+            ca(SystemTime::now()).cert_pem().as_bytes(),
+            pki::store::CERT_MODE,
+        )
+        .expect("ca.crt");
+        let rows = check(d.path(), SystemTime::now()).expect("rows");
+        assert!(rows.iter().any(|r| r.status == "missing"));
     }
 }

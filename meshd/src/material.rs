@@ -10,7 +10,7 @@ use pki::inspect::{self, CertInfo};
 use pki::inventory::{CaId, Entry, Output};
 use pki::keys::{PrivateKey, SecretPem};
 use pki::kubeconfig::{self, ClientCertRef};
-use pki::store::{self, PairLinks, PairStore};
+use pki::store::{self, PairLinks, PairStore, PublicPath};
 use pki::PkiError;
 
 /// A certificate with its key, as found on disk.
@@ -24,6 +24,13 @@ pub struct Material {
     pub cert_pem: String,
     /// Key PEM.
     pub key_pem: SecretPem,
+    /// Whether it was read from the versioned store (`pki/.store/<id>/current`), whose links meshd
+    /// maintains. `false` for plain files (a kubeadm directory) and embedded kubeconfig credentials:
+    /// those are read in place and never replaced by links.
+    pub managed: bool,
+    /// Public paths of a managed pair that do not exist (an interrupted run, a link removed by hand):
+    /// the store holds the pair, `meshd init` restores the links.
+    pub missing_links: Vec<PathBuf>,
 }
 
 /// What was found for one item.
@@ -49,41 +56,21 @@ fn exists(p: &Path) -> bool {
     p.symlink_metadata().is_ok() && p.exists()
 }
 
-/// Reads a pair exposed at `links` (cert + key files), through the versioned store when it manages it
-/// so that both halves come from one version.
+/// Reads a pair exposed at `links` (cert + key files, or one combined file).
+///
+/// The pair is read from the versioned store (both halves from one version, [`Material::managed`])
+/// when the store has a current version for `id` and every public path is either missing or a
+/// symlink into `pki/.store/<id>/`: a crash between two link renames, or a link removed by hand,
+/// then still finds the pair, and `meshd init` restores the missing links. Anything else at a public
+/// path (plain files of a kubeadm directory, a symlink elsewhere) is read in place.
 pub fn read_pair(data_dir: &Path, id: &str, links: &PairLinks) -> Result<Found, PkiError> {
-    let store = PairStore::new(data_dir);
     let (Some(cert_rel), Some(key_rel)) = (&links.cert, &links.key) else {
         return read_combined(data_dir, id, links);
     };
     let cert_path = data_dir.join(cert_rel);
     let key_path = data_dir.join(key_rel);
-    let managed = cert_path.is_symlink() && key_path.is_symlink();
-    if managed {
-        if let Some(v) = store.current_version(id)? {
-            // Name the file the operator knows (`pki/ca.key`), not the version it points at:
-            // `chmod 600 pki/ca.key` follows the link.
-            let p = store.read_version(id, v).map_err(|e| match e {
-                PkiError::InsecureKeyMode { mode, .. } => PkiError::InsecureKeyMode {
-                    path: key_path.clone(),
-                    mode,
-                },
-                PkiError::KeyOwner {
-                    owner, expected, ..
-                } => PkiError::KeyOwner {
-                    path: key_path.clone(),
-                    owner,
-                    expected,
-                },
-                other => other,
-            })?;
-            return Ok(Found::Present(Material {
-                cert_path,
-                key_path,
-                cert_pem: p.cert_pem,
-                key_pem: p.key_pem,
-            }));
-        }
+    if let Some(m) = read_managed(data_dir, id, links, &cert_path, &key_path)? {
+        return Ok(Found::Present(m));
     }
     match (exists(&cert_path), exists(&key_path)) {
         (false, false) => Ok(Found::Missing { path: cert_path }),
@@ -103,12 +90,62 @@ pub fn read_pair(data_dir: &Path, id: &str, links: &PairLinks) -> Result<Found, 
                 key_path,
                 cert_pem,
                 key_pem,
+                managed: false,
+                missing_links: Vec::new(),
             }))
         }
     }
 }
 
-fn read_combined(data_dir: &Path, _id: &str, links: &PairLinks) -> Result<Found, PkiError> {
+/// The current version of `id` from the store, when the store has one and every public path of
+/// `links` is missing or a symlink into the entry's store directory; `None` otherwise.
+fn read_managed(
+    data_dir: &Path,
+    id: &str,
+    links: &PairLinks,
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<Option<Material>, PkiError> {
+    let store = PairStore::new(data_dir);
+    let Some(v) = store.current_version(id)? else {
+        return Ok(None);
+    };
+    let mut missing_links = Vec::new();
+    for (rel, state) in store.link_states(id, links)? {
+        match state {
+            PublicPath::Missing => missing_links.push(data_dir.join(rel)),
+            PublicPath::Linked | PublicPath::IntoEntry(_) => {}
+            PublicPath::File | PublicPath::Foreign(_) | PublicPath::Directory => return Ok(None),
+        }
+    }
+    // Name the file the operator knows (`pki/ca.key`), not the version it points at:
+    // `chmod 600 pki/ca.key` follows the link. (When that link is missing, the store's file.)
+    let key_known = exists(key_path);
+    let p = store.read_version(id, v).map_err(|e| match e {
+        PkiError::InsecureKeyMode { mode, .. } if key_known => PkiError::InsecureKeyMode {
+            path: key_path.to_path_buf(),
+            mode,
+        },
+        PkiError::KeyOwner {
+            owner, expected, ..
+        } if key_known => PkiError::KeyOwner {
+            path: key_path.to_path_buf(),
+            owner,
+            expected,
+        },
+        other => other,
+    })?;
+    Ok(Some(Material {
+        cert_path: cert_path.to_path_buf(),
+        key_path: key_path.to_path_buf(),
+        cert_pem: p.cert_pem,
+        key_pem: p.key_pem,
+        managed: true,
+        missing_links,
+    }))
+}
+
+fn read_combined(data_dir: &Path, id: &str, links: &PairLinks) -> Result<Found, PkiError> {
     let Some(rel) = &links.combined else {
         return Err(PkiError::Invalid {
             what: "inventory entry",
@@ -116,6 +153,9 @@ fn read_combined(data_dir: &Path, _id: &str, links: &PairLinks) -> Result<Found,
         });
     };
     let path = data_dir.join(rel);
+    if let Some(m) = read_managed(data_dir, id, links, &path, &path)? {
+        return Ok(Found::Present(m));
+    }
     if !exists(&path) {
         return Ok(Found::Missing { path });
     }
@@ -126,6 +166,8 @@ fn read_combined(data_dir: &Path, _id: &str, links: &PairLinks) -> Result<Found,
         key_path: path,
         cert_pem,
         key_pem: text,
+        managed: false,
+        missing_links: Vec::new(),
     }))
 }
 
@@ -177,6 +219,8 @@ fn read_kubeconfig(kc: &Path) -> Result<Found, PkiError> {
                 key_path: kc.to_path_buf(),
                 cert_pem,
                 key_pem,
+                managed: false,
+                missing_links: Vec::new(),
             }))
         }
         ClientCertRef::File(p) => {
@@ -193,6 +237,8 @@ fn read_kubeconfig(kc: &Path) -> Result<Found, PkiError> {
                 key_path: p,
                 cert_pem,
                 key_pem: t,
+                managed: false,
+                missing_links: Vec::new(),
             }))
         }
     }

@@ -36,6 +36,15 @@ pub enum StoreKind {
     Etcd,
 }
 
+impl std::fmt::Display for StoreKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StoreKind::Embedded => "embedded",
+            StoreKind::Etcd => "etcd",
+        })
+    }
+}
+
 /// The store configuration of a control-plane node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct StoreConfig {

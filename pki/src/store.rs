@@ -10,6 +10,10 @@
 //!   switches cert and key together: the directory never holds a certificate beside a key that does not
 //!   match it, and `tls.pem` (cert and key in one file, as kubelet's `-current.pem`) gives a reader that
 //!   opens one file a consistent pair. The previous version is kept for rollback.
+//! * A public path is only ever created as a link, never replaced: a regular file there (a kubeadm
+//!   directory read in place) or a symlink pointing anywhere else stops [`PairStore::ensure_links`]
+//!   with the path named. Replacing the plain files of a pair is a deliberate, separate step
+//!   ([`PairStore::replace_with_links`]).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -65,11 +69,22 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(d).and_then(|f| f.sync_all()).map_err(io(d))
 }
 
-fn tmp_name(dir: &Path, base: &str) -> PathBuf {
+/// A temporary name in `dir`: `.tmp-<base>-<pid>-<n>-<random>`. The random part keeps a leftover of
+/// a crashed run from colliding with a later process that got the same pid (`create_new` would fail).
+fn tmp_name(dir: &Path, base: &str) -> Result<PathBuf> {
+    use ring::rand::SecureRandom;
     use std::sync::atomic::{AtomicU64, Ordering};
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let n = SEQ.fetch_add(1, Ordering::Relaxed);
-    dir.join(format!("{TMP_PREFIX}{base}-{}-{n}", std::process::id()))
+    let mut r = [0u8; 8];
+    ring::rand::SystemRandom::new()
+        .fill(&mut r)
+        .map_err(|_| PkiError::crypto("the system random source failed"))?;
+    Ok(dir.join(format!(
+        "{TMP_PREFIX}{base}-{}-{n}-{}",
+        std::process::id(),
+        hex::encode(r)
+    )))
 }
 
 fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
@@ -96,7 +111,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = tmp_name(dir, &base);
+    let tmp = tmp_name(dir, &base)?;
     let res = write_new(&tmp, bytes, mode)
         .and_then(|()| fs::rename(&tmp, path).map_err(io(path)))
         .and_then(|()| sync_dir(dir));
@@ -165,6 +180,44 @@ pub struct StoredPair {
     pub version_dir: PathBuf,
     /// The version number.
     pub version: u64,
+}
+
+/// What is at one public path of a pair (`pki/apiserver.crt`, ...).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PublicPath {
+    /// Nothing, not even a dangling symlink.
+    Missing,
+    /// meshd's link through the entry's `current` version.
+    Linked,
+    /// A symlink into the entry's own store directory that is not meshd's link (its target).
+    IntoEntry(PathBuf),
+    /// A symlink anywhere else (its target), e.g. kubelet's `kubelet-client-current.pem`.
+    Foreign(PathBuf),
+    /// A regular file (or another non-directory): a pair kept as plain files, read in place.
+    File,
+    /// A directory.
+    Directory,
+}
+
+/// Lexically resolves `.` and `..` (no file system access): `a/b/../c` is `a/c`.
+fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                let up = matches!(
+                    out.components().next_back(),
+                    None | Some(Component::ParentDir)
+                );
+                if up || !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
 }
 
 /// Versioned certificate/key pairs under `<data-dir>/pki/.store`.
@@ -251,6 +304,9 @@ impl PairStore {
 
     /// Writes a new version of `id` and makes it current in one atomic step, then makes sure the
     /// public links exist. Returns the new version number.
+    ///
+    /// The public paths are checked first: when one holds anything but meshd's link (or nothing),
+    /// nothing is written and the error names it.
     pub fn write_pair(
         &self,
         id: &str,
@@ -258,11 +314,21 @@ impl PairStore {
         key_pem: &SecretPem,
         links: &PairLinks,
     ) -> Result<u64> {
+        self.check_links(id, links)?;
+        let v = self.write_version(id, cert_pem, key_pem)?;
+        self.ensure_links(id, links)?;
+        Ok(v)
+    }
+
+    /// Writes a new version of `id` and makes it current in one atomic step, without touching the
+    /// public paths (see [`PairStore::ensure_links`] and [`PairStore::replace_with_links`]). Keeps
+    /// the previous version for rollback. Returns the new version number.
+    pub fn write_version(&self, id: &str, cert_pem: &str, key_pem: &SecretPem) -> Result<u64> {
         let entry = self.entry_dir(id);
         ensure_dir(&entry)?;
         self.cleanup_tmp(id)?;
         let next = self.versions(id)?.last().copied().unwrap_or(0) + 1;
-        let stage = tmp_name(&entry, "stage");
+        let stage = tmp_name(&entry, "stage")?;
         fs::DirBuilder::new()
             .mode(DIR_MODE)
             .create(&stage)
@@ -293,7 +359,6 @@ impl PairStore {
             return Err(e);
         }
         self.point_current(id, next)?;
-        self.ensure_links(id, links)?;
         self.prune(id)?;
         Ok(next)
     }
@@ -301,7 +366,7 @@ impl PairStore {
     /// Atomically points `current` of `id` at version `v` (used by rollback).
     pub fn point_current(&self, id: &str, v: u64) -> Result<()> {
         let entry = self.entry_dir(id);
-        let tmp = tmp_name(&entry, "current");
+        let tmp = tmp_name(&entry, "current")?;
         std::os::unix::fs::symlink(v.to_string(), &tmp).map_err(io(&tmp))?;
         let cur = entry.join("current");
         if let Err(e) = fs::rename(&tmp, &cur) {
@@ -311,21 +376,21 @@ impl PairStore {
         sync_dir(&entry)
     }
 
-    /// Makes the public links of `id` point through `current` (idempotent).
-    pub fn ensure_links(&self, id: &str, links: &PairLinks) -> Result<()> {
-        for (rel, file) in [
+    /// The public paths of `links` (relative to the data directory), each with the file of a version
+    /// it exposes (`tls.crt`, `tls.key`, `tls.pem`).
+    fn public_files(links: &PairLinks) -> impl Iterator<Item = (&PathBuf, &'static str)> {
+        [
             (&links.cert, "tls.crt"),
             (&links.key, "tls.key"),
             (&links.combined, "tls.pem"),
-        ] {
-            if let Some(rel) = rel {
-                self.link(id, rel, file)?;
-            }
-        }
-        Ok(())
+        ]
+        .into_iter()
+        .filter_map(|(rel, file)| rel.as_ref().map(|r| (r, file)))
     }
 
-    fn link(&self, id: &str, rel: &Path, file: &str) -> Result<()> {
+    /// The target of meshd's link at `rel` (relative to the data directory) for `file` of `id`:
+    /// `../../pki/.store/<id>/current/<file>`, as many `..` as `rel` has parents.
+    fn link_target(id: &str, rel: &Path, file: &str) -> PathBuf {
         let depth = rel
             .parent()
             .map(|p| {
@@ -342,17 +407,136 @@ impl PairStore {
         target.push(id);
         target.push("current");
         target.push(file);
+        target
+    }
+
+    /// What is at the public path `rel` (relative to the data directory) that exposes `file`
+    /// (`tls.crt`, `tls.key` or `tls.pem`) of `id`.
+    pub fn link_state(&self, id: &str, rel: &Path, file: &str) -> Result<PublicPath> {
         let path = self.data_dir.join(rel);
-        if fs::read_link(&path).ok().as_deref() == Some(target.as_path()) {
-            return Ok(());
+        let meta = match fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(PublicPath::Missing),
+            Err(e) => return Err(PkiError::io(&path, e)),
+        };
+        if !meta.file_type().is_symlink() {
+            return Ok(if meta.is_dir() {
+                PublicPath::Directory
+            } else {
+                PublicPath::File
+            });
+        }
+        let target = fs::read_link(&path).map_err(io(&path))?;
+        if target == Self::link_target(id, rel, file) {
+            return Ok(PublicPath::Linked);
+        }
+        let dir = path.parent().unwrap_or(Path::new("."));
+        if normalize(&dir.join(&target)).starts_with(normalize(&self.entry_dir(id))) {
+            Ok(PublicPath::IntoEntry(target))
+        } else {
+            Ok(PublicPath::Foreign(target))
+        }
+    }
+
+    /// [`PairStore::link_state`] of every public path of `links`, with the path (relative to the data
+    /// directory).
+    pub fn link_states(&self, id: &str, links: &PairLinks) -> Result<Vec<(PathBuf, PublicPath)>> {
+        Self::public_files(links)
+            .map(|(rel, file)| Ok((rel.clone(), self.link_state(id, rel, file)?)))
+            .collect()
+    }
+
+    /// Checks that every public path of `links` is either free or meshd's link through `current`
+    /// of `id`, so that [`PairStore::ensure_links`] will not refuse; the error names the first path
+    /// that holds something else.
+    pub fn check_links(&self, id: &str, links: &PairLinks) -> Result<()> {
+        for (rel, file) in Self::public_files(links) {
+            match self.link_state(id, rel, file)? {
+                PublicPath::Missing | PublicPath::Linked => {}
+                other => return Err(self.occupied(id, rel, file, &other)),
+            }
+        }
+        Ok(())
+    }
+
+    fn occupied(&self, id: &str, rel: &Path, file: &str, state: &PublicPath) -> PkiError {
+        let what = match state {
+            PublicPath::File => "is a regular file".to_string(),
+            PublicPath::Directory => "is a directory".to_string(),
+            PublicPath::IntoEntry(t) | PublicPath::Foreign(t) => {
+                format!("is a symlink to {}", t.display())
+            }
+            PublicPath::Missing | PublicPath::Linked => "is in the way".to_string(),
+        };
+        PkiError::bad_file(
+            self.data_dir.join(rel),
+            format!(
+                "{what}, not meshd's link to {}; meshd does not replace it (move it away to let meshd manage this file)",
+                Path::new(STORE_DIR).join(id).join("current").join(file).display()
+            ),
+        )
+    }
+
+    /// Makes the public links of `id` point through `current` (idempotent). Only creates links where
+    /// nothing is: a regular file, or a symlink pointing anywhere else, is never replaced; the error
+    /// names it (and no link is made).
+    pub fn ensure_links(&self, id: &str, links: &PairLinks) -> Result<()> {
+        self.check_links(id, links)?;
+        for (rel, file) in Self::public_files(links) {
+            self.link(id, rel, file)?;
+        }
+        Ok(())
+    }
+
+    /// Replaces whatever is at the public paths of `id` (the plain files of a pair found in place, a
+    /// symlink elsewhere) by meshd's links through `current`. For a pair the caller has decided to
+    /// reissue, after [`PairStore::write_version`]: every old file is removed first, then the links
+    /// are made, so a crash in between leaves only missing paths and meshd links, which a reader
+    /// resolves through the store. Returns the paths whose old content was removed. A directory in
+    /// the way is refused.
+    pub fn replace_with_links(&self, id: &str, links: &PairLinks) -> Result<Vec<PathBuf>> {
+        let mut removed = Vec::new();
+        for (rel, file) in Self::public_files(links) {
+            match self.link_state(id, rel, file)? {
+                PublicPath::Missing | PublicPath::Linked => {}
+                PublicPath::Directory => {
+                    return Err(self.occupied(id, rel, file, &PublicPath::Directory))
+                }
+                PublicPath::File | PublicPath::IntoEntry(_) | PublicPath::Foreign(_) => {
+                    let p = self.data_dir.join(rel);
+                    fs::remove_file(&p).map_err(io(&p))?;
+                    removed.push(p);
+                }
+            }
+        }
+        for p in &removed {
+            sync_dir(p.parent().unwrap_or(Path::new(".")))?;
+        }
+        self.ensure_links(id, links)?;
+        Ok(removed)
+    }
+
+    /// Creates meshd's link at `rel` if nothing is there (atomically: `symlink` never replaces).
+    fn link(&self, id: &str, rel: &Path, file: &str) -> Result<()> {
+        let target = Self::link_target(id, rel, file);
+        let path = self.data_dir.join(rel);
+        match self.link_state(id, rel, file)? {
+            PublicPath::Linked => return Ok(()),
+            PublicPath::Missing => {}
+            other => return Err(self.occupied(id, rel, file, &other)),
         }
         let dir = path.parent().unwrap_or(Path::new("."));
         ensure_dir(dir)?;
-        let tmp = tmp_name(dir, "link");
-        std::os::unix::fs::symlink(&target, &tmp).map_err(io(&tmp))?;
-        if let Err(e) = fs::rename(&tmp, &path) {
-            let _ = fs::remove_file(&tmp);
-            return Err(PkiError::io(&path, e));
+        match std::os::unix::fs::symlink(&target, &path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                // Made by someone else since we looked: fine only if it is the same link.
+                return match self.link_state(id, rel, file)? {
+                    PublicPath::Linked => Ok(()),
+                    other => Err(self.occupied(id, rel, file, &other)),
+                };
+            }
+            Err(e) => return Err(PkiError::io(&path, e)),
         }
         sync_dir(dir)
     }
@@ -540,5 +724,125 @@ mod tests {
         assert!(!entry.join(".tmp-stage-2-0").exists());
         assert_eq!(s.read_current("x").unwrap().unwrap().cert_pem, "C");
         assert_eq!(s.cleanup_all_tmp().unwrap(), 0);
+    }
+    #[test]
+    fn temp_names_are_unpredictable_and_survive_leftovers_of_a_reused_pid() {
+        let d = tempfile::tempdir().unwrap();
+        let a = tmp_name(d.path(), "f").unwrap();
+        let b = tmp_name(d.path(), "f").unwrap();
+        assert_ne!(a, b);
+        let name = a.file_name().unwrap().to_string_lossy().into_owned();
+        let random = name.rsplit('-').next().unwrap();
+        assert_eq!(random.len(), 16, "{name}");
+        assert!(random.chars().all(|c| c.is_ascii_hexdigit()), "{name}");
+        // Leftovers of a crashed process that had this pid, with every sequence number it could have
+        // reached by now: the next write is not blocked by them.
+        for n in 0..256 {
+            fs::write(
+                d.path()
+                    .join(format!("{TMP_PREFIX}file-{}-{n}", std::process::id())),
+                "half",
+            )
+            .unwrap();
+        }
+        write_atomic(&d.path().join("file"), b"whole", CERT_MODE).unwrap();
+        assert_eq!(fs::read(d.path().join("file")).unwrap(), b"whole");
+        assert_eq!(cleanup_tmp_files(d.path()).unwrap(), 256);
+    }
+
+    fn etcd_links() -> PairLinks {
+        PairLinks {
+            cert: Some("pki/etcd/server.crt".into()),
+            key: Some("pki/etcd/server.key".into()),
+            combined: Some("pki/etcd/server-current.pem".into()),
+        }
+    }
+
+    #[test]
+    fn links_never_replace_plain_files_or_foreign_symlinks() {
+        let d = tempfile::tempdir().unwrap();
+        let s = PairStore::new(d.path());
+        let links = etcd_links();
+        let crt = d.path().join("pki/etcd/server.crt");
+        let keyf = d.path().join("pki/etcd/server.key");
+        // A kubeadm pair, plain files.
+        write_atomic(&crt, b"PLAIN CERT", CERT_MODE).unwrap();
+        write_atomic(&keyf, b"PLAIN KEY", KEY_MODE).unwrap();
+        s.write_version("etcd-server", "C1\n", &key("K1\n"))
+            .unwrap();
+        let e = s
+            .ensure_links("etcd-server", &links)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("pki/etcd/server.crt") && e.contains("regular file"),
+            "{e}"
+        );
+        // Checked before anything is made: not even the free combined path got a link.
+        assert!(!d.path().join("pki/etcd/server-current.pem").exists());
+        let e = s
+            .write_pair("etcd-server", "C2\n", &key("K2\n"), &links)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pki/etcd/server.crt"), "{e}");
+        assert_eq!(
+            s.current_version("etcd-server").unwrap(),
+            Some(1),
+            "nothing written"
+        );
+        assert_eq!(fs::read(&crt).unwrap(), b"PLAIN CERT");
+        assert_eq!(fs::read(&keyf).unwrap(), b"PLAIN KEY");
+
+        // A symlink elsewhere is not replaced either.
+        fs::remove_file(&crt).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", &crt).unwrap();
+        assert_eq!(
+            s.link_state("etcd-server", Path::new("pki/etcd/server.crt"), "tls.crt")
+                .unwrap(),
+            PublicPath::Foreign("/etc/hostname".into())
+        );
+        let e = s
+            .ensure_links("etcd-server", &links)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("pki/etcd/server.crt") && e.contains("/etc/hostname"),
+            "{e}"
+        );
+        assert_eq!(fs::read_link(&crt).unwrap(), Path::new("/etc/hostname"));
+
+        // A deliberate replacement (a reissue) removes both, then links.
+        let removed = s.replace_with_links("etcd-server", &links).unwrap();
+        assert_eq!(removed, vec![crt.clone(), keyf.clone()]);
+        assert_eq!(fs::read_to_string(&crt).unwrap(), "C1\n");
+        assert_eq!(fs::read_to_string(&keyf).unwrap(), "K1\n");
+        for (rel, state) in s.link_states("etcd-server", &links).unwrap() {
+            assert_eq!(state, PublicPath::Linked, "{}", rel.display());
+        }
+        // Idempotent, and a link into the entry that is not meshd's is recognised as such.
+        s.ensure_links("etcd-server", &links).unwrap();
+        fs::remove_file(&keyf).unwrap();
+        std::os::unix::fs::symlink("../.store/etcd-server/1/tls.key", &keyf).unwrap();
+        assert!(matches!(
+            s.link_state("etcd-server", Path::new("pki/etcd/server.key"), "tls.key")
+                .unwrap(),
+            PublicPath::IntoEntry(_)
+        ));
+        assert!(s.ensure_links("etcd-server", &links).is_err());
+        fs::remove_file(&keyf).unwrap();
+        assert_eq!(
+            s.link_state("etcd-server", Path::new("pki/etcd/server.key"), "tls.key")
+                .unwrap(),
+            PublicPath::Missing
+        );
+        s.ensure_links("etcd-server", &links).unwrap();
+        assert_eq!(fs::read_to_string(&keyf).unwrap(), "K1\n");
+    }
+
+    #[test]
+    fn normalize_resolves_dots_lexically() {
+        assert_eq!(normalize(Path::new("/a/b/../c/./d")), Path::new("/a/c/d"));
+        assert_eq!(normalize(Path::new("../../x")), Path::new("../../x"));
+        assert_eq!(normalize(Path::new("a/../../x")), Path::new("../x"));
     }
 }

@@ -449,7 +449,8 @@ fn inventory() -> Vec<Row> {
             &["system:node-proxier"],
             Client,
         ),
-        // meshd's API server certificate: CN is meshd's choice, SANs the addresses nodes dial.
+        // meshd's API server certificate: CN is meshd's choice, SANs the addresses nodes dial (the
+        // operator's extra API server names and addresses included: a NAT address, a DNS name).
         Row::new(
             "meshd-api",
             Src::Pair("pki/meshd/api-server.crt", "pki/meshd/api-server.key"),
@@ -458,8 +459,8 @@ fn inventory() -> Vec<Row> {
             &[],
             Server,
         )
-        .dns(&[NODE, "localhost"])
-        .ips(&[ADDR, "127.0.0.1"]),
+        .dns(&[NODE, "localhost", "api.example.com"])
+        .ips(&[ADDR, "127.0.0.1", "10.1.2.3"]),
         // meshd's own admin client for its API (meshd's row, not kubeadm's).
         Row::new(
             "meshd-admin",
@@ -1539,10 +1540,13 @@ fn interrupted_directory_is_completed_without_touching_the_cas() {
     assert!(out.status.success(), "after init: {}", describe(&out));
 }
 
+/// A CA key that is really gone (a plain-file directory, as kubeadm leaves it; or the versioned
+/// store's own copy) is never replaced by a new CA.
 #[test]
 fn missing_ca_key_is_never_replaced() {
     tools();
-    let d = fresh();
+    let managed = fresh();
+    let d = plain_copy(&managed.path);
     let ca_crt = fs::read(d.path.join("pki/ca.crt")).expect("ca.crt");
     fs::remove_file(d.path.join("pki/ca.key")).expect("remove ca.key");
     let before = snapshot(&d.path);
@@ -1566,6 +1570,30 @@ fn missing_ca_key_is_never_replaced() {
         "{}",
         describe(&out)
     );
+
+    // In a meshd directory the link alone is only a pointer (see
+    // `links_missing_after_an_interrupted_run_are_restored`); with the stored key gone as well, init
+    // refuses, naming the file, and creates no CA.
+    let d = managed;
+    let ca_crt = fs::read(d.path.join("pki/ca.crt")).expect("ca.crt");
+    let stored = fs::canonicalize(d.path.join("pki/ca.key")).expect("stored ca key");
+    fs::remove_file(d.path.join("pki/ca.key")).expect("remove ca.key");
+    fs::remove_file(&stored).expect("remove the stored key");
+    let before = snapshot(&d.path);
+    let out = init(&d.path, &[]);
+    assert!(
+        !out.status.success(),
+        "init must refuse: {}",
+        describe(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(path_str(&stored)),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(fs::read(d.path.join("pki/ca.crt")).expect("ca.crt"), ca_crt);
+    assert_eq!(changed(&before, &snapshot(&d.path)), Vec::<PathBuf>::new());
+    assert!(!certs_check(&d.path, false).status.success());
 }
 
 /// A front-proxy client certificate that expired in 2020, signed by meshd's front-proxy CA with
@@ -1669,6 +1697,401 @@ fn expired_leaf_fails_the_check_and_is_reissued() {
     );
     let out = certs_check(&d.path, false);
     assert!(out.status.success(), "after reissue: {}", describe(&out));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3b. Re-runs: plain files read in place, links restored, settings kept, kubeconfigs refreshed
+// ---------------------------------------------------------------------------------------------
+
+/// A copy of `d` as a kubeadm directory holds it: plain files (every link followed), no versioned
+/// store.
+fn plain_copy(d: &Path) -> Dir {
+    let c = new_dir("meshd-inv-plain-");
+    let out = run(Command::new("cp")
+        .arg("-rL")
+        .arg(format!("{}/.", path_str(d)))
+        .arg(&c.path));
+    assert!(out.status.success(), "cp -rL: {}", describe(&out));
+    fs::remove_dir_all(c.path.join("pki/.store")).expect("remove pki/.store");
+    c
+}
+
+/// `meshd init` with the standard arguments, some of their values replaced (`--node-name cp2`),
+/// plus `extra`.
+fn init_replacing(d: &Path, replace: &[(&str, &str)], extra: &[&str]) -> Output {
+    let mut args = init_args(d);
+    for (flag, value) in replace {
+        let i = args
+            .iter()
+            .position(|a| a == flag)
+            .unwrap_or_else(|| panic!("{flag} is not a standard init argument"));
+        args[i + 1] = value.to_string();
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    meshd(&args)
+}
+
+fn settings_json(d: &Path) -> serde_json::Value {
+    serde_json::from_slice(&fs::read(d.join("meshd.json")).expect("meshd.json")).expect("JSON")
+}
+
+fn actions(report: &serde_json::Value) -> BTreeMap<String, String> {
+    report["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|i| {
+            (
+                i["name"].as_str().expect("name").to_string(),
+                i["action"].as_str().expect("action").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// kubeadm's layout, plain files and no `pki/.store`: init reads every file in place and changes
+/// nothing (no file turned into a link, no kubeconfig rewritten), and the check passes.
+#[test]
+fn plain_file_directory_is_read_in_place() {
+    tools();
+    let managed = fresh();
+    let d = plain_copy(&managed.path);
+    let before = snapshot(&d.path);
+    assert!(
+        before.values().all(|(n, _)| !matches!(n, Node::Link(_))),
+        "the copy holds no links"
+    );
+
+    let report = init_json(&d.path);
+    for (name, action) in actions(&report) {
+        assert_eq!(action, "kept", "{name}: {report:#}");
+    }
+    assert_eq!(
+        changed(&before, &snapshot(&d.path)),
+        Vec::<PathBuf>::new(),
+        "init changed files of a plain-file directory"
+    );
+    assert!(
+        !d.path.join("pki/.store").exists(),
+        "init made a versioned store for files it keeps"
+    );
+    let out = certs_check(&d.path, false);
+    assert!(out.status.success(), "{}", describe(&out));
+}
+
+/// A crash between the cert and key link of a pair (or a link removed by hand) leaves the pair in the
+/// store: `certs check` reports the missing path, init restores the link (the pair, a CA's above
+/// all, unchanged) and the check passes again.
+#[test]
+fn links_missing_after_an_interrupted_run_are_restored() {
+    tools();
+    for (link, name) in [("pki/ca.key", "ca"), ("pki/apiserver.key", "apiserver")] {
+        let d = fresh();
+        let p = d.path.join(link);
+        let target = fs::read_link(&p).expect("a link");
+        let cert = p.with_extension("crt");
+        let (cert_bytes, key_bytes) = (fs::read(&cert).expect("crt"), fs::read(&p).expect("key"));
+        let ca = fs::read(d.path.join("pki/ca.crt")).expect("ca.crt");
+        fs::remove_file(&p).expect("remove the link");
+
+        let (out, rows) = check_rows(&d.path);
+        assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+        let r = row(&rows, name);
+        assert_eq!(r["status"], "missing", "{r:#}");
+        assert!(r["problems"].to_string().contains(path_str(&p)), "{r:#}");
+
+        let report = init_json(&d.path);
+        let item = report_item(&report, name);
+        assert_eq!(item["action"], "updated", "{item}");
+        assert!(
+            item["reason"].as_str().unwrap_or("").contains(link),
+            "{item}"
+        );
+        for (other, action) in actions(&report) {
+            if other != name {
+                assert_eq!(action, "kept", "{other}: {report:#}");
+            }
+        }
+        assert_eq!(fs::read_link(&p).expect("link restored"), target);
+        assert_eq!(fs::read(&p).expect("key"), key_bytes, "{link}: other key");
+        assert_eq!(
+            fs::read(&cert).expect("crt"),
+            cert_bytes,
+            "{link}: other cert"
+        );
+        assert_eq!(
+            fs::read(d.path.join("pki/ca.crt")).expect("ca.crt"),
+            ca,
+            "the CA changed"
+        );
+        let out = certs_check(&d.path, false);
+        assert!(out.status.success(), "after init: {}", describe(&out));
+    }
+}
+
+/// The store kind, the etcd endpoints, the node name and the cluster CIDR of an initialized
+/// directory are never changed by a re-run: refused with the setting and both values named, nothing
+/// changed. `--store` and `--etcd-endpoints` may be left out: the recorded ones are kept.
+#[test]
+fn rerun_refuses_to_change_the_store_node_name_or_cluster_cidr() {
+    tools();
+    let d = new_dir("meshd-inv-");
+    let etcd = "https://127.0.0.1:2379";
+    let out = init(&d.path, &["--store", "etcd", "--etcd-endpoints", etcd]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let settings = fs::read(d.path.join("meshd.json")).expect("meshd.json");
+    assert_eq!(settings_json(&d.path)["store"]["kind"], "etcd");
+
+    // Left out: kept (not switched back to the embedded store).
+    let out = init(&d.path, &[]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(
+        fs::read(d.path.join("meshd.json")).expect("meshd.json"),
+        settings,
+        "meshd.json rewritten"
+    );
+    // Given again, unchanged: fine.
+    let out = init(&d.path, &["--store", "etcd", "--etcd-endpoints", etcd]);
+    assert!(out.status.success(), "{}", describe(&out));
+
+    let before = snapshot(&d.path);
+    /// (replaced standard arguments, extra arguments, what the refusal must name)
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], &'a [&'a str]);
+    let cases: [Case; 5] = [
+        (
+            &[],
+            &["--store", "embedded"],
+            &["store kind", "etcd", "embedded"],
+        ),
+        (
+            &[],
+            &["--etcd-endpoints", "https://127.0.0.9:2379"],
+            &["etcd endpoints", etcd, "https://127.0.0.9:2379"],
+        ),
+        (&[("--node-name", "cp2")], &[], &["node name", "cp1", "cp2"]),
+        (
+            &[],
+            &["--cluster-cidr", "10.245.0.0/16"],
+            &["cluster CIDR", "10.244.0.0/16", "10.245.0.0/16"],
+        ),
+        (
+            &[("--node-name", "cp2")],
+            &["--store", "embedded", "--cluster-cidr", "10.245.0.0/16"],
+            &["store kind", "node name", "cluster CIDR"],
+        ),
+    ];
+    for (replace, extra, want) in cases {
+        let out = init_replacing(&d.path, replace, extra);
+        let what = format!("{replace:?} {extra:?}");
+        assert_eq!(out.status.code(), Some(1), "{what}: {}", describe(&out));
+        let msg = String::from_utf8_lossy(&out.stderr);
+        for w in want {
+            assert!(msg.contains(w), "{what}: no {w:?} in {}", describe(&out));
+        }
+        assert!(msg.contains("meshd.json"), "{}", describe(&out));
+        assert_eq!(
+            changed(&before, &snapshot(&d.path)),
+            Vec::<PathBuf>::new(),
+            "{what}: files changed"
+        );
+    }
+
+    // An embedded store by default on a first init, and then kept.
+    let e = new_dir("meshd-inv-");
+    let out = init(&e.path, &[]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(settings_json(&e.path)["store"]["kind"], "embedded");
+    let out = init(&e.path, &["--store", "etcd", "--etcd-endpoints", etcd]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert_eq!(settings_json(&e.path)["store"]["kind"], "embedded");
+}
+
+/// A changed API server port and cluster name: the kept admin kubeconfigs are re-rendered with their
+/// own credential (no reissue), and so are the component kubeconfigs; a third run keeps everything.
+#[test]
+fn kept_kubeconfigs_follow_the_server_url_and_cluster_name() {
+    tools();
+    let d = fresh();
+    let read = |f: &str| fs::read_to_string(d.path.join(f)).expect(f);
+    let creds: Vec<(String, String)> = ["admin.conf", "super-admin.conf"]
+        .iter()
+        .map(|f| {
+            let kc = read(f);
+            (
+                kubeconfig_value(&kc, "client-certificate-data"),
+                kubeconfig_value(&kc, "client-key-data"),
+            )
+        })
+        .collect();
+
+    let out = init(
+        &d.path,
+        &[
+            "--apiserver-port",
+            "7000",
+            "--cluster-name",
+            "prod",
+            "--output",
+            "json",
+        ],
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    for (f, (cert, key)) in ["admin.conf", "super-admin.conf"].iter().zip(&creds) {
+        let item = report_item(&report, f);
+        assert_eq!(item["action"], "updated", "{item}");
+        let why = item["reason"].as_str().unwrap_or("");
+        assert!(
+            why.contains("server URL changed") && why.contains("cluster name changed"),
+            "{item}"
+        );
+        let kc = read(f);
+        assert_eq!(
+            kubeconfig_value(&kc, "server"),
+            format!("https://{ADDR}:7000")
+        );
+        assert!(kc.contains("\"prod\""), "{kc}");
+        assert_eq!(
+            &kubeconfig_value(&kc, "client-certificate-data"),
+            cert,
+            "{f}: reissued"
+        );
+        assert_eq!(
+            &kubeconfig_value(&kc, "client-key-data"),
+            key,
+            "{f}: new key"
+        );
+        assert_eq!(
+            fs::metadata(d.path.join(f)).expect(f).mode() & 0o7777,
+            0o600
+        );
+    }
+    for f in [
+        "controller-manager.conf",
+        "scheduler.conf",
+        "kubelet.conf",
+        "kube-proxy.conf",
+    ] {
+        assert_eq!(report_item(&report, f)["action"], "updated", "{f}");
+        assert_eq!(
+            kubeconfig_value(&read(f), "server"),
+            format!("https://{ADDR}:7000")
+        );
+    }
+    for (name, action) in actions(&report) {
+        assert_ne!(action, "reissued", "{name} was reissued");
+        assert_ne!(action, "created", "{name} was created");
+    }
+    assert_eq!(settings_json(&d.path)["cluster"]["apiserver_port"], 7000);
+
+    let before = snapshot(&d.path);
+    let out = init(
+        &d.path,
+        &[
+            "--apiserver-port",
+            "7000",
+            "--cluster-name",
+            "prod",
+            "--output",
+            "json",
+        ],
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    for (name, action) in actions(&report) {
+        assert_eq!(action, "kept", "{name}");
+    }
+    assert_eq!(changed(&before, &snapshot(&d.path)), Vec::<PathBuf>::new());
+    let out = certs_check(&d.path, false);
+    assert!(out.status.success(), "{}", describe(&out));
+}
+
+/// Several unusable leaves: init completes every other item (a missing one is made, new settings
+/// applied), then fails listing each refused file with its reason; those files and meshd.json are
+/// left exactly as they were.
+#[test]
+fn init_completes_the_rest_and_lists_every_refused_file() {
+    tools();
+    let d = fresh();
+    let crt = d.path.join("pki/apiserver.crt");
+    let garbage =
+        b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n";
+    replace_with_file(&crt, garbage, 0o644);
+    let key = d.path.join("pki/front-proxy-client.key");
+    let other = fs::read(d.path.join("pki/etcd/healthcheck-client.key")).expect("other key");
+    replace_with_file(&key, &other, 0o600);
+    fs::remove_file(d.path.join("admin.conf")).expect("remove admin.conf");
+    let settings = fs::read(d.path.join("meshd.json")).expect("meshd.json");
+
+    // A new cluster name too: applied to what init completes, but not recorded (init fails).
+    let out = init(&d.path, &["--cluster-name", "prod"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        msg.contains("refused to touch 2 file(s)"),
+        "{}",
+        describe(&out)
+    );
+    let lines: Vec<&str> = msg
+        .lines()
+        .filter(|l| l.trim_start().starts_with("- "))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(path_str(&crt)) && l.contains("cannot parse")),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("pki/front-proxy-client")
+            && l.contains("do not match")
+            && l.contains(path_str(&key))),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(fs::read(&crt).expect("crt"), garbage);
+    assert!(!crt.is_symlink());
+    assert_eq!(fs::read(&key).expect("key"), other);
+    assert_eq!(
+        fs::read(d.path.join("meshd.json")).expect("meshd.json"),
+        settings,
+        "a failed init rewrote meshd.json"
+    );
+    // The rest was completed: admin.conf is back, and every kubeconfig names the new cluster.
+    let admin = fs::read_to_string(d.path.join("admin.conf")).expect("admin.conf made");
+    assert!(admin.contains("\"prod\""), "{admin}");
+    let kc = fs::read_to_string(d.path.join("scheduler.conf")).expect("scheduler.conf");
+    assert!(kc.contains("\"prod\""), "{kc}");
+
+    let (_, rows) = check_rows(&d.path);
+    for r in &rows {
+        let name = r["name"].as_str().expect("name");
+        if name != "apiserver" && name != "front-proxy-client" {
+            assert_eq!(r["status"], "ok", "{r:#}");
+        }
+    }
+}
+
+/// `certs check` on a directory that is not meshd's: a clear error and exit 1, no table.
+#[test]
+fn certs_check_of_a_non_meshd_directory_is_an_error() {
+    tools();
+    let empty = new_dir("meshd-inv-empty-");
+    let gone = empty.path.join("nothing-here");
+    for dir in [&empty.path, &gone] {
+        let out = certs_check(dir, false);
+        assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+        let msg = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            msg.contains(path_str(dir)) && msg.contains("is not a meshd data directory"),
+            "{}",
+            describe(&out)
+        );
+        assert!(out.stdout.is_empty(), "{}", describe(&out));
+    }
+    assert!(!gone.exists(), "certs check created the directory");
 }
 
 // ---------------------------------------------------------------------------------------------
