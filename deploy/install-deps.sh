@@ -6,6 +6,9 @@
 #   kubernetes-client       kubectl (skipped when a kubectl is already installed)
 #   protobuf-compiler       protoc, which etcd-client's build script needs to compile etcd's protos
 #   libprotobuf-dev         google/protobuf/descriptor.proto, which those protos import
+#   wireguard-tools         `wg`, to check meshd's WireGuard devices from outside (no kernel module needed)
+#   tcpdump                 captures on the underlay: no pod packet may cross it in clear
+#   iputils-ping iproute2   ping and `ip` for the network-namespace tests
 set -euo pipefail
 need=()
 command -v openssl >/dev/null || need+=(openssl)
@@ -14,8 +17,14 @@ command -v protoc >/dev/null || need+=(protobuf-compiler)
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v etcdctl >/dev/null || need+=(etcd-client)
 command -v kubectl >/dev/null || need+=(kubernetes-client)
+command -v wg >/dev/null || need+=(wireguard-tools)
+command -v tcpdump >/dev/null || need+=(tcpdump)
+command -v ping >/dev/null || need+=(iputils-ping)
+command -v ip >/dev/null || need+=(iproute2)
 if [ "${MESHD_BENCH_DEPS:-0}" = 1 ]; then
   command -v cfssl >/dev/null || need+=(golang-cfssl)
+  command -v wireguard-go >/dev/null || need+=(wireguard-go)
+  command -v iperf3 >/dev/null || need+=(iperf3)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then

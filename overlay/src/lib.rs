@@ -1,13 +1,21 @@
 //! meshd's overlay: flannel-compatible network configuration, subnet arithmetic and the `subnet.env`
-//! format. Pure: values in, values out. (The WireGuard mesh, routes and CNI come with the overlay
-//! issue.)
+//! format (this file, pure: values in, values out), the userspace WireGuard device ([`wg`]) and the
+//! interface plumbing around it ([`link`]).
 //!
 //! Formats follow flannel so that flannel-style tooling reads meshd's state:
 //! * network config at `<prefix>/config` ([`NetworkConfig`]),
 //! * lease keys `<prefix>/subnets/<ip>-<len>` ([`lease_key`]),
 //! * `/run/flannel/subnet.env` ([`subnet_env`]).
+//!
+//! Modules:
+//! * [`wg`]: WireGuard keys (base64 and hex), the cross-platform UAPI protocol and its client, and
+//!   [`wg::Device`] — boringtun on a TUN interface behind meshd's own UAPI server.
+//! * [`link`]: MTU, addresses, link state and routes through iproute2's `ip`; underlay MTU detection.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+pub mod link;
+pub mod wg;
 
 use std::net::Ipv4Addr;
 
