@@ -39,7 +39,7 @@ openssl verify -CAfile "$CP/pki/etcd/ca.crt" "$CP/pki/etcd/server.crt" "$CP/pki/
 openssl x509 -in "$CP/pki/apiserver.crt" -noout -subject -ext subjectAltName,extendedKeyUsage
 echo
 echo "== meshd run (the meshd API on 127.0.0.1:$PORT; log in $WORK/cp1.log)"
-"$MESHD" run --data-dir "$CP" >"$WORK/cp1.log" 2>&1 &
+"$MESHD" run --no-mesh --data-dir "$CP" >"$WORK/cp1.log" 2>&1 &   # the mesh itself: deploy/lab.sh
 RUN_PID=$!
 for _ in $(seq 50); do
   (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
@@ -64,4 +64,4 @@ openssl x509 -in "$NODE/kubelet/pki/kubelet.crt" -noout -subject -ext subjectAlt
 echo
 echo "Done. Files: $CP (control plane), $NODE (node1). Try:"
 echo "  $MESHD certs check --data-dir $CP --output json"
-echo "  $MESHD token list --data-dir $CP   (needs: $MESHD run --data-dir $CP)"
+echo "  $MESHD token list --data-dir $CP   (needs: $MESHD run --no-mesh --data-dir $CP)"

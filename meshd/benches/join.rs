@@ -160,7 +160,7 @@ async fn bench_store(kind: &str, joins: usize, concurrency: usize) -> f64 {
     let data = dir.path().to_path_buf();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let cp = tokio::spawn(async move {
-        meshd::run::run_control_plane(&data, None, async {
+        meshd::run::run_control_plane(&data, None, None, async {
             let _ = rx.await;
         })
         .await

@@ -57,6 +57,19 @@ pub enum Command {
     /// Registered nodes.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// This node's mesh: registered nodes and subnets, and the WireGuard peers with their latest
+    /// handshake and transfer counters.
+    Status {
+        #[command(flatten)]
+        /// Data directory.
+        dir: DataDir,
+        /// The WireGuard interface `meshd run` uses.
+        #[arg(long, default_value = "meshd0")]
+        wg_interface: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
 }
 
 impl std::fmt::Debug for JoinArgs {
@@ -79,6 +92,28 @@ pub struct RunArgs {
     /// Listen on this address instead of the advertise address and API port.
     #[arg(long)]
     pub listen: Option<std::net::SocketAddr>,
+    /// WireGuard interface name (nodes sharing one machine need distinct names: the UAPI socket
+    /// directory is not per network namespace).
+    #[arg(long, default_value = "meshd0")]
+    pub wg_interface: String,
+    /// Tunnel MTU (default: the underlay's MTU − 80).
+    #[arg(long)]
+    pub mtu: Option<u32>,
+    /// Persistent keepalive towards every peer, seconds (25 for nodes behind NAT; 0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub keepalive: u16,
+    /// Where to write flannel's subnet.env.
+    #[arg(long, default_value = "/run/flannel/subnet.env")]
+    pub subnet_env: std::path::PathBuf,
+    /// Where to write the CNI network configuration.
+    #[arg(long, default_value = "/etc/cni/net.d/10-meshd.conflist")]
+    pub cni_conf: std::path::PathBuf,
+    /// The CNI bridge's name.
+    #[arg(long, default_value = "cni0")]
+    pub cni_bridge: String,
+    /// Run without the WireGuard mesh (API and leases only).
+    #[arg(long)]
+    pub no_mesh: bool,
 }
 
 /// `meshd token ...`
@@ -321,7 +356,15 @@ fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
     rt.block_on(async move {
         match cmd {
             Command::Run(a) => {
-                crate::run::run_control_plane(&a.dir.data_dir, a.listen, crate::run::shutdown_signal()).await?;
+                let mesh = (!a.no_mesh).then(|| crate::mesh::MeshOptions {
+                    ifname: a.wg_interface.clone(),
+                    mtu: a.mtu,
+                    keepalive: a.keepalive,
+                    subnet_env: Some(a.subnet_env.clone()),
+                    cni_conf: Some(a.cni_conf.clone()),
+                    cni_bridge: a.cni_bridge.clone(),
+                });
+                crate::run::run_control_plane(&a.dir.data_dir, a.listen, mesh, crate::run::shutdown_signal()).await?;
             }
             Command::Join(a) => {
                 let o = crate::join::JoinOptions {
@@ -401,6 +444,13 @@ fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
                 let client = crate::join::node_client(&dir.data_dir)?;
                 let _: serde_json::Value = client.call(Method::DELETE, &format!("/v1/nodes/{name}"), None::<&()>).await?;
                 println!("node {name} removed; its subnet is released");
+            }
+            Command::Status { dir, wg_interface, output } => {
+                let st = crate::status::status(&dir.data_dir, &wg_interface).await?;
+                match output {
+                    OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&st)?),
+                    OutputFormat::Table => print!("{}", crate::status::render(&st)),
+                }
             }
             Command::Init(_) | Command::Certs(_) => anyhow::bail!("internal error: not an async command"),
         }

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 
 use crate::api::server::{self, log, ApiState};
 use crate::material::{self, Found};
+use crate::mesh::{Mesh, MeshOptions};
 use crate::settings::{self, MeshdConfig, Role, StoreKind};
 use crate::store::{
     embedded::EmbeddedStore,
@@ -101,11 +102,12 @@ fn load_ca(data_dir: &Path) -> anyhow::Result<CertificateAuthority> {
 pub async fn run_control_plane(
     data_dir: &Path,
     listen: Option<SocketAddr>,
+    mesh: Option<MeshOptions>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let cfg = settings::require_config(data_dir)?;
     if cfg.role != Role::ControlPlane {
-        return run_node(data_dir, shutdown).await;
+        return run_node(data_dir, mesh, shutdown).await;
     }
     let s = cfg
         .cluster
@@ -134,6 +136,22 @@ pub async fn run_control_plane(
         "control plane {} registered in the mesh: subnet {}, endpoint {}",
         me.name, me.subnet, me.endpoint
     ));
+    // The control plane's own mesh follows the store directly.
+    let mesh_task = match &mesh {
+        Some(opts) => {
+            let ipnet::IpNet::V4(net) = s.cluster_cidr else {
+                bail!("the cluster CIDR must be IPv4");
+            };
+            let (private, _) = crate::wgkey::load(data_dir)?;
+            let key = overlay::wg::PrivateKey::from_base64(private.expose().trim())
+                .context("wireguard/private.key")?;
+            let m = Mesh::start(opts, key, &me, net, s.advertise_address)?;
+            let (tx, rx) = tokio::sync::mpsc::channel(64);
+            tokio::spawn(crate::api::server::peer_feed(store.clone(), None, tx));
+            Some(tokio::spawn(follow(m, rx)))
+        }
+        None => None,
+    };
     let addr = listen.unwrap_or(SocketAddr::new(s.advertise_address, s.api_port));
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -184,6 +202,11 @@ pub async fn run_control_plane(
     let _ = stop_tx.send(true);
     let _ = server.await;
     renewer.abort();
+    if let Some(t) = mesh_task {
+        t.abort();
+        // Dropping the mesh removes the interface and its route.
+        let _ = t.await;
+    }
     Ok(())
 }
 
@@ -195,6 +218,7 @@ pub const LEASE_RENEW_EVERY: std::time::Duration = std::time::Duration::from_sec
 /// new subnet should the old lease have expired meanwhile.
 pub async fn run_node(
     data_dir: &Path,
+    mesh: Option<MeshOptions>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     use std::time::Duration;
@@ -205,6 +229,30 @@ pub async fn run_node(
         .as_ref()
         .map(|j| j.name.clone())
         .unwrap_or_default();
+    let mesh_task = match (&mesh, &cfg.joined) {
+        (Some(opts), Some(j)) => {
+            let (private, public) = crate::wgkey::load(data_dir)?;
+            let key = overlay::wg::PrivateKey::from_base64(private.expose().trim())
+                .context("wireguard/private.key")?;
+            let me = crate::registry::NodeRecord {
+                version: crate::registry::RECORD_VERSION,
+                name: j.name.clone(),
+                addresses: j.addresses.clone(),
+                wireguard_public_key: public,
+                endpoint: j.endpoint,
+                subnet: j.subnet,
+                control_plane: false,
+                registered: 0,
+                identity_sha256: String::new(),
+            };
+            let server_ip = server_ip(&j.server)?;
+            let m = Mesh::start(opts, key, &me, j.network.network, server_ip)?;
+            let (tx, rx) = tokio::sync::mpsc::channel(64);
+            tokio::spawn(stream_peers(client.clone(), tx));
+            Some(tokio::spawn(follow(m, rx)))
+        }
+        _ => None,
+    };
     log(format!(
         "node {name}: running; subnet lease renewed every {}h",
         LEASE_RENEW_EVERY.as_secs() / 3600
@@ -251,7 +299,67 @@ pub async fn run_node(
         }
     }
     log(format!("node {name}: shutting down"));
+    if let Some(t) = mesh_task {
+        t.abort();
+        let _ = t.await;
+    }
     Ok(())
+}
+
+/// The control plane's address from `host:port` (a name is resolved).
+fn server_ip(server: &str) -> anyhow::Result<std::net::IpAddr> {
+    use std::net::ToSocketAddrs;
+    server
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {server}"))?
+        .next()
+        .map(|a| a.ip())
+        .with_context(|| format!("{server} resolves to no address"))
+}
+
+/// Applies registry events to the mesh until the feed ends.
+async fn follow(mut mesh: Mesh, mut rx: tokio::sync::mpsc::Receiver<crate::api::PeerEvent>) {
+    while let Some(ev) = rx.recv().await {
+        if let Err(e) = mesh.handle(&ev) {
+            log(format!("mesh: {e:#}"));
+        }
+    }
+}
+
+/// Streams the registry from the control plane into `tx`, reconnecting with jittered backoff. The
+/// peers stay as they are while the control plane is unreachable: a broken watch never removes a
+/// peer.
+async fn stream_peers(
+    client: crate::api::client::ApiClient,
+    tx: tokio::sync::mpsc::Sender<crate::api::PeerEvent>,
+) {
+    use std::time::Duration;
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match client.watch_peers().await {
+            Ok(mut rx) => {
+                backoff = Duration::from_millis(500);
+                while let Some(ev) = rx.recv().await {
+                    match ev {
+                        Ok(e) => {
+                            if tx.send(e).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            log(format!("mesh: peer stream ended ({e}); reconnecting"));
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => log(format!(
+                "mesh: cannot reach the control plane ({e}); retrying"
+            )),
+        }
+        tokio::time::sleep(backoff + Duration::from_millis(u64::from(rand_u16()) % 250)).await;
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
 }
 
 fn rand_u16() -> u16 {

@@ -489,7 +489,7 @@ impl ControlPlane {
         let log = self.root.path().join(format!("run-{}.log", self.starts));
         let mut g = ChildGuard::spawn(
             "meshd run",
-            Command::new(meshd_bin()).args(["run", "--data-dir", path_str(&self.dir)]),
+            Command::new(meshd_bin()).args(["run", "--no-mesh", "--data-dir", path_str(&self.dir)]),
             &log,
         );
         let up = wait_for(Duration::from_secs(20), || {

@@ -935,79 +935,21 @@ const HEARTBEAT: Duration = Duration::from_secs(15);
 /// longer than [`STREAM_SEND_TIMEOUT`] is dropped.
 async fn watch_peers(state: Arc<ApiState>) -> Result<HttpResponse, ApiError> {
     use hyper::body::Frame;
-    let first = snapshot(&state).await?;
+    let first = snapshot(state.store.as_ref()).await?;
+    let (events_tx, mut events_rx) = tokio::sync::mpsc::channel::<PeerEvent>(64);
+    tokio::spawn(peer_feed(state.store.clone(), Some(first), events_tx));
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(64);
     tokio::spawn(async move {
-        let line = |e: &PeerEvent| {
-            let mut v = serde_json::to_vec(e).unwrap_or_default();
+        while let Some(e) = events_rx.recv().await {
+            let mut v = serde_json::to_vec(&e).unwrap_or_default();
             v.push(b'\n');
-            Ok(Frame::data(Bytes::from(v)))
-        };
-        let mut snap = Some(first);
-        loop {
-            let (revision, event) = match snap.take() {
-                Some(s) => s,
-                None => match snapshot(&state).await {
-                    Ok(s) => s,
-                    Err(_) => {
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        continue;
-                    }
-                },
-            };
             if tx
-                .send_timeout(line(&event), STREAM_SEND_TIMEOUT)
+                .send_timeout(Ok(Frame::data(Bytes::from(v))), STREAM_SEND_TIMEOUT)
                 .await
                 .is_err()
             {
+                // Dropping `events_rx` ends the feed too.
                 return;
-            }
-            let mut watch = match state.store.watch(registry::PREFIX, revision + 1).await {
-                Ok(w) => w,
-                Err(e) => {
-                    log(format!("peer stream: store watch failed ({e}); re-listing"));
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            };
-            loop {
-                let next = tokio::time::timeout(HEARTBEAT, watch.events.recv()).await;
-                let ev = match next {
-                    Err(_) => PeerEvent::Heartbeat,
-                    Ok(None) => break,
-                    Ok(Some(Err(e))) => {
-                        log(format!("peer stream: {e}; re-listing"));
-                        break;
-                    }
-                    Ok(Some(Ok(crate::store::Event::Put(kv)))) => {
-                        match serde_json::from_slice::<NodeRecord>(&kv.value) {
-                            Ok(node) => PeerEvent::Put {
-                                revision: kv.mod_revision,
-                                node,
-                            },
-                            Err(e) => {
-                                log(format!(
-                                    "peer stream: skipping corrupt node record {}: {e}",
-                                    kv.key
-                                ));
-                                continue;
-                            }
-                        }
-                    }
-                    Ok(Some(Ok(crate::store::Event::Delete { key, mod_revision }))) => {
-                        PeerEvent::Delete {
-                            revision: mod_revision,
-                            name: key.trim_start_matches(registry::PREFIX).to_owned(),
-                        }
-                    }
-                };
-                if tx
-                    .send_timeout(line(&ev), STREAM_SEND_TIMEOUT)
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
             }
         }
     });
@@ -1019,9 +961,78 @@ async fn watch_peers(state: Arc<ApiState>) -> Result<HttpResponse, ApiError> {
         .map_err(ApiError::internal)
 }
 
-async fn snapshot(state: &ApiState) -> Result<(i64, PeerEvent), ApiError> {
-    let listing = state
-        .store
+/// Feeds `tx` with the registry: a snapshot (`first`, or a fresh listing), then every change from the
+/// store's watch, heartbeats while nothing happens, and a new snapshot whenever the watch breaks or
+/// its history was compacted. Ends when the receiver is gone or stops taking events for
+/// [`STREAM_SEND_TIMEOUT`]. Used by the peer stream and by the control plane's own mesh.
+pub async fn peer_feed(
+    store: Arc<dyn Store>,
+    first: Option<(i64, PeerEvent)>,
+    tx: tokio::sync::mpsc::Sender<PeerEvent>,
+) {
+    let mut snap = first;
+    loop {
+        let (revision, event) = match snap.take() {
+            Some(s) => s,
+            None => match snapshot(store.as_ref()).await {
+                Ok(s) => s,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            },
+        };
+        if tx.send_timeout(event, STREAM_SEND_TIMEOUT).await.is_err() {
+            return;
+        }
+        let mut watch = match store.watch(registry::PREFIX, revision + 1).await {
+            Ok(w) => w,
+            Err(e) => {
+                log(format!("peer stream: store watch failed ({e}); re-listing"));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        loop {
+            let next = tokio::time::timeout(HEARTBEAT, watch.events.recv()).await;
+            let ev = match next {
+                Err(_) => PeerEvent::Heartbeat,
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    log(format!("peer stream: {e}; re-listing"));
+                    break;
+                }
+                Ok(Some(Ok(crate::store::Event::Put(kv)))) => {
+                    match serde_json::from_slice::<NodeRecord>(&kv.value) {
+                        Ok(node) => PeerEvent::Put {
+                            revision: kv.mod_revision,
+                            node,
+                        },
+                        Err(e) => {
+                            log(format!(
+                                "peer stream: skipping corrupt node record {}: {e}",
+                                kv.key
+                            ));
+                            continue;
+                        }
+                    }
+                }
+                Ok(Some(Ok(crate::store::Event::Delete { key, mod_revision }))) => {
+                    PeerEvent::Delete {
+                        revision: mod_revision,
+                        name: key.trim_start_matches(registry::PREFIX).to_owned(),
+                    }
+                }
+            };
+            if tx.send_timeout(ev, STREAM_SEND_TIMEOUT).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+async fn snapshot(store: &dyn Store) -> Result<(i64, PeerEvent), ApiError> {
+    let listing = store
         .list(registry::PREFIX)
         .await
         .map_err(ApiError::internal)?;

@@ -1,0 +1,231 @@
+//! The WireGuard mesh on a node: the userspace device, its address, MTU and route, subnet.env and the
+//! CNI conflist, and the reconciler that keeps the device's peers equal to the registry — by diff,
+//! one node's change at a time, never touching unchanged peers.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use ipnet::{IpNet, Ipv4Net};
+use overlay::link::{self, Ip};
+use overlay::peers::{self, DesiredPeer, PeerChange};
+use overlay::wg::{Device, DeviceConfig, DeviceUpdate, PeerUpdate, PrivateKey, PublicKey};
+
+use crate::api::server::log;
+use crate::api::PeerEvent;
+use crate::registry::NodeRecord;
+
+/// How the mesh is set up on this node.
+#[derive(Clone, Debug)]
+pub struct MeshOptions {
+    /// WireGuard interface name (distinct per node when several share one machine).
+    pub ifname: String,
+    /// Tunnel MTU; `None`: underlay MTU − 80.
+    pub mtu: Option<u32>,
+    /// Persistent keepalive towards every peer, seconds (0 = off; 25 behind NAT).
+    pub keepalive: u16,
+    /// Where to write flannel's subnet.env (`None`: not written).
+    pub subnet_env: Option<PathBuf>,
+    /// Where to write the CNI conflist (`None`: not written).
+    pub cni_conf: Option<PathBuf>,
+    /// The CNI bridge's name.
+    pub cni_bridge: String,
+}
+
+/// The mesh of one node: its device and what has been applied to it.
+pub struct Mesh {
+    device: Device,
+    me: String,
+    network: Ipv4Net,
+    keepalive: u16,
+    applied: BTreeMap<String, DesiredPeer>,
+    /// The tunnel MTU in use.
+    pub mtu: u32,
+}
+
+impl std::fmt::Debug for Mesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh")
+            .field("ifname", &self.device.name())
+            .field("peers", &self.applied.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The peer the registry describes for `node`.
+pub fn desired(node: &NodeRecord, keepalive: u16) -> DesiredPeer {
+    DesiredPeer {
+        node: node.name.clone(),
+        public_key: node.wireguard_public_key.clone(),
+        endpoint: Some(node.endpoint),
+        allowed_ips: vec![node.subnet],
+        persistent_keepalive: keepalive,
+    }
+}
+
+fn key(b64: &str) -> anyhow::Result<PublicKey> {
+    PublicKey::from_base64(b64).with_context(|| format!("WireGuard key {b64:?}"))
+}
+
+/// The device operations for `changes`.
+pub fn to_updates(changes: &[PeerChange]) -> anyhow::Result<Vec<PeerUpdate>> {
+    let mut out = Vec::with_capacity(changes.len());
+    for c in changes {
+        out.push(match c {
+            PeerChange::Add(d) => {
+                let mut u = PeerUpdate::upsert(key(&d.public_key)?);
+                u.endpoint = d.endpoint;
+                u.persistent_keepalive_interval = Some(d.persistent_keepalive);
+                u.replace_allowed_ips = true;
+                u.allowed_ips = d.allowed_ips.iter().map(|n| IpNet::V4(*n)).collect();
+                u
+            }
+            PeerChange::Remove { public_key, .. } => PeerUpdate::remove(key(public_key)?),
+            PeerChange::Update {
+                public_key,
+                endpoint,
+                allowed_ips,
+                persistent_keepalive,
+                ..
+            } => {
+                let mut u = PeerUpdate::upsert(key(public_key)?);
+                u.update_only = true;
+                u.endpoint = *endpoint;
+                u.persistent_keepalive_interval = *persistent_keepalive;
+                if let Some(ips) = allowed_ips {
+                    u.replace_allowed_ips = true;
+                    u.allowed_ips = ips.iter().map(|n| IpNet::V4(*n)).collect();
+                }
+                u
+            }
+        });
+    }
+    Ok(out)
+}
+
+impl Mesh {
+    /// Brings up the device for node `me` (its record gives subnet and endpoint port) in `network`,
+    /// with `underlay_peer` used to find the underlay interface and its MTU. Writes subnet.env and
+    /// the CNI conflist.
+    pub fn start(
+        opts: &MeshOptions,
+        private_key: PrivateKey,
+        me: &NodeRecord,
+        network: Ipv4Net,
+        underlay_peer: IpAddr,
+    ) -> anyhow::Result<Mesh> {
+        let ip = Ip::new();
+        let mtu =
+            match opts.mtu {
+                Some(m) => m,
+                None => link::tunnel_mtu(ip.underlay_mtu(underlay_peer).with_context(|| {
+                    format!("detecting the underlay MTU towards {underlay_peer}")
+                })?),
+            };
+        if mtu < 1280 {
+            bail!("tunnel MTU {mtu} is below 1280 (IPv6's minimum); set --mtu or fix the underlay");
+        }
+        let mut cfg = DeviceConfig::new(private_key);
+        cfg.listen_port = me.endpoint.port();
+        cfg.mtu = Some(mtu);
+        let device = Device::start(&opts.ifname, cfg)
+            .with_context(|| format!("starting WireGuard interface {}", opts.ifname))?;
+        ip.add_address(&opts.ifname, IpAddr::V4(me.subnet.network()))?;
+        ip.set_mtu(&opts.ifname, mtu)?;
+        ip.set_up(&opts.ifname)?;
+        ip.route_replace(IpNet::V4(network), &opts.ifname)?;
+        let mtu16 = u16::try_from(mtu).unwrap_or(u16::MAX);
+        if let Some(p) = &opts.subnet_env {
+            pki::store::write_atomic(
+                p,
+                overlay::subnet_env(network, me.subnet, mtu16, true).as_bytes(),
+                0o644,
+            )?;
+        }
+        if let Some(p) = &opts.cni_conf {
+            pki::store::write_atomic(
+                p,
+                overlay::cni::conflist(network, me.subnet, mtu16, &opts.cni_bridge, None)
+                    .as_bytes(),
+                0o644,
+            )?;
+        }
+        log(format!(
+            "mesh: {} up, address {}/32, MTU {mtu}, route {network} via it, UDP port {}",
+            opts.ifname,
+            me.subnet.network(),
+            me.endpoint.port()
+        ));
+        Ok(Mesh {
+            device,
+            me: me.name.clone(),
+            network,
+            keepalive: opts.keepalive,
+            applied: BTreeMap::new(),
+            mtu,
+        })
+    }
+
+    /// The device's interface name.
+    pub fn ifname(&self) -> &str {
+        self.device.name()
+    }
+
+    /// The peers currently applied, by node name.
+    pub fn applied(&self) -> &BTreeMap<String, DesiredPeer> {
+        &self.applied
+    }
+
+    /// Applies one registry event; returns how many peer changes it caused.
+    pub fn handle(&mut self, ev: &PeerEvent) -> anyhow::Result<usize> {
+        let changes = match ev {
+            PeerEvent::Heartbeat => return Ok(0),
+            PeerEvent::Snapshot { nodes, .. } => {
+                let want: BTreeMap<String, DesiredPeer> = nodes
+                    .iter()
+                    .filter(|n| n.name != self.me && self.network.contains(&n.subnet.network()))
+                    .map(|n| (n.name.clone(), desired(n, self.keepalive)))
+                    .collect();
+                peers::diff(&self.applied, &want)
+            }
+            PeerEvent::Put { node, .. } => {
+                if node.name == self.me {
+                    return Ok(0);
+                }
+                peers::change_for(
+                    self.applied.get(&node.name),
+                    Some(&desired(node, self.keepalive)),
+                )
+            }
+            PeerEvent::Delete { name, .. } => peers::change_for(self.applied.get(name), None),
+        };
+        if changes.is_empty() {
+            return Ok(0);
+        }
+        let update = DeviceUpdate {
+            peers: to_updates(&changes)?,
+            ..Default::default()
+        };
+        self.device
+            .set(&update)
+            .with_context(|| format!("configuring {}", self.device.name()))?;
+        peers::record(&mut self.applied, &changes);
+        for c in &changes {
+            match c {
+                PeerChange::Add(d) => log(format!(
+                    "mesh: peer {} added ({})",
+                    d.node,
+                    d.allowed_ips
+                        .iter()
+                        .map(|n| n.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )),
+                PeerChange::Remove { node, .. } => log(format!("mesh: peer {node} removed")),
+                PeerChange::Update { node, .. } => log(format!("mesh: peer {node} updated")),
+            }
+        }
+        Ok(changes.len())
+    }
+}
