@@ -229,3 +229,58 @@ impl Mesh {
         Ok(changes.len())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const K1: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+    fn peer() -> DesiredPeer {
+        DesiredPeer {
+            node: "n1".into(),
+            public_key: K1.into(),
+            endpoint: Some("192.0.2.1:51820".parse().unwrap()),
+            allowed_ips: vec!["10.244.1.0/24".parse().unwrap()],
+            persistent_keepalive: 25,
+        }
+    }
+
+    #[test]
+    fn changes_become_device_operations() {
+        let add = to_updates(&[PeerChange::Add(peer())]).unwrap();
+        assert_eq!(add.len(), 1);
+        assert!(!add[0].remove && !add[0].update_only && add[0].replace_allowed_ips);
+        assert_eq!(add[0].endpoint, peer().endpoint);
+        assert_eq!(add[0].persistent_keepalive_interval, Some(25));
+        assert_eq!(
+            add[0].allowed_ips,
+            vec!["10.244.1.0/24".parse::<IpNet>().unwrap()]
+        );
+
+        let rm = to_updates(&[PeerChange::Remove {
+            node: "n1".into(),
+            public_key: K1.into(),
+        }])
+        .unwrap();
+        assert!(rm[0].remove);
+
+        // An endpoint-only update touches nothing else (no AllowedIPs replacement, no keepalive).
+        let up = to_updates(&[PeerChange::Update {
+            node: "n1".into(),
+            public_key: K1.into(),
+            endpoint: Some("198.51.100.1:51820".parse().unwrap()),
+            allowed_ips: None,
+            persistent_keepalive: None,
+        }])
+        .unwrap();
+        assert!(up[0].update_only && !up[0].replace_allowed_ips && up[0].allowed_ips.is_empty());
+        assert_eq!(up[0].persistent_keepalive_interval, None);
+
+        assert!(to_updates(&[PeerChange::Remove {
+            node: "x".into(),
+            public_key: "bad".into()
+        }])
+        .is_err());
+    }
+}
