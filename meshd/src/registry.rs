@@ -68,17 +68,7 @@ pub fn validate_wireguard_key(s: &str) -> Result<(), String> {
 
 /// Checks a node name: a lower-case DNS name of at most 63 characters per label, 253 in all.
 pub fn validate_node_name(s: &str) -> Result<(), String> {
-    let ok = !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-        });
-    if ok {
+    if pki::inventory::is_dns_label_seq(s) {
         Ok(())
     } else {
         Err(format!(

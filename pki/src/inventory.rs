@@ -207,7 +207,9 @@ impl ClusterSettings {
     }
 }
 
-fn is_dns_label_seq(s: &str) -> bool {
+/// Whether `s` is a lower-case DNS name (labels of a-z, 0-9 and '-', not starting or ending with
+/// '-', at most 63 characters each, 253 in all): what node names and the cluster domain must be.
+pub fn is_dns_label_seq(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
         && s.split('.').all(|l| {

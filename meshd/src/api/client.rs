@@ -92,12 +92,10 @@ impl ApiClient {
             })?
     }
 
-    async fn call_inner<T: DeserializeOwned>(
+    /// A TCP + TLS connection with an HTTP/1.1 sender on it.
+    async fn connect(
         &self,
-        method: Method,
-        path: &str,
-        body: Option<&impl Serialize>,
-    ) -> Result<T, ClientError> {
+    ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, ClientError> {
         let tcp = tokio::net::TcpStream::connect(&self.addr)
             .await
             .map_err(|e| ClientError::Connect {
@@ -113,12 +111,22 @@ impl ApiClient {
                 addr: self.addr.clone(),
                 reason: e.to_string(),
             })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .map_err(|e| ClientError::Other(e.to_string()))?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
+        Ok(sender)
+    }
+
+    async fn call_inner<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T, ClientError> {
+        let mut sender = self.connect().await?;
         let bytes = match body {
             Some(b) => serde_json::to_vec(b).map_err(|e| ClientError::Other(e.to_string()))?,
             None => Vec::new(),
@@ -170,27 +178,7 @@ impl ApiClient {
     ) -> Result<tokio::sync::mpsc::Receiver<Result<super::PeerEvent, ClientError>>, ClientError>
     {
         let setup = async {
-            let tcp = tokio::net::TcpStream::connect(&self.addr)
-                .await
-                .map_err(|e| ClientError::Connect {
-                    addr: self.addr.clone(),
-                    reason: e.to_string(),
-                })?;
-            let _ = tcp.set_nodelay(true);
-            let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
-            let tls = connector
-                .connect(self.server_name.clone(), tcp)
-                .await
-                .map_err(|e| ClientError::Tls {
-                    addr: self.addr.clone(),
-                    reason: e.to_string(),
-                })?;
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-                .await
-                .map_err(|e| ClientError::Other(e.to_string()))?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
+            let mut sender = self.connect().await?;
             let req = Request::builder()
                 .method(Method::GET)
                 .uri("/v1/peers/watch")
