@@ -9,6 +9,9 @@
 #   wireguard-tools         `wg`, to check meshd's WireGuard devices from outside (no kernel module needed)
 #   tcpdump                 captures on the underlay: no pod packet may cross it in clear
 #   iputils-ping iproute2   ping and `ip` for the network-namespace tests
+#   containernetworking-plugins  the real CNI plugins (bridge, host-local, portmap in /usr/lib/cni)
+#                           that wire pods from meshd's conflist (the lab, the mesh tests)
+#   jq                      deploy/lab.sh reads meshd's JSON and chains the CNI plugins with it
 set -euo pipefail
 need=()
 command -v openssl >/dev/null || need+=(openssl)
@@ -21,6 +24,8 @@ command -v wg >/dev/null || need+=(wireguard-tools)
 command -v tcpdump >/dev/null || need+=(tcpdump)
 command -v ping >/dev/null || need+=(iputils-ping)
 command -v ip >/dev/null || need+=(iproute2)
+[ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)
+command -v jq >/dev/null || need+=(jq)
 if [ "${MESHD_BENCH_DEPS:-0}" = 1 ]; then
   command -v cfssl >/dev/null || need+=(golang-cfssl)
   command -v wireguard-go >/dev/null || need+=(wireguard-go)

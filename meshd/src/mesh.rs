@@ -104,6 +104,47 @@ pub fn to_updates(changes: &[PeerChange]) -> anyhow::Result<Vec<PeerUpdate>> {
     Ok(out)
 }
 
+/// The MTU of the underlay towards `addr`: the interface the route to it takes — or, when `addr` is
+/// one of this machine's own addresses (the control plane measuring towards itself), the interface
+/// that holds it. Loopback is never the underlay: it counts as 1500.
+fn underlay_mtu(ip: &Ip, addr: IpAddr) -> anyhow::Result<u32> {
+    let out = std::process::Command::new("ip")
+        .args(["-j", "address", "show", "to", &addr.to_string()])
+        .output()
+        .context("running `ip -j address show`")?;
+    if out.status.success() {
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+            if let Some(link) = v.as_array().and_then(|a| a.first()) {
+                let name = link["ifname"].as_str().unwrap_or_default();
+                let mtu = u32::try_from(link["mtu"].as_u64().unwrap_or(0)).unwrap_or(0);
+                if name == "lo" || mtu == 0 || mtu > 65000 {
+                    return Ok(1500);
+                }
+                return Ok(mtu);
+            }
+        }
+    }
+    let m = ip
+        .underlay_mtu(addr)
+        .with_context(|| format!("detecting the underlay MTU towards {addr}"))?;
+    Ok(if m > 65000 { 1500 } else { m })
+}
+
+/// Sends one datagram into the tunnel towards each peer's mesh address, so the device starts the
+/// handshakes now instead of when the first packet comes (after a restart, peers still hold the old
+/// session and their packets are dropped until a new handshake: ~15 s if nobody initiates it).
+fn kick_handshakes(peers: &[&DesiredPeer]) {
+    let Ok(sock) = std::net::UdpSocket::bind(("0.0.0.0", 0)) else {
+        return;
+    };
+    for p in peers {
+        if let Some(net) = p.allowed_ips.first() {
+            // The discard port of the peer's own tunnel address: nothing listens, nothing answers.
+            let _ = sock.send_to(&[0u8], (net.network(), 9));
+        }
+    }
+}
+
 impl Mesh {
     /// Brings up the device for node `me` (its record gives subnet and endpoint port) in `network`,
     /// with `underlay_peer` used to find the underlay interface and its MTU. Writes subnet.env and
@@ -116,13 +157,10 @@ impl Mesh {
         underlay_peer: IpAddr,
     ) -> anyhow::Result<Mesh> {
         let ip = Ip::new();
-        let mtu =
-            match opts.mtu {
-                Some(m) => m,
-                None => link::tunnel_mtu(ip.underlay_mtu(underlay_peer).with_context(|| {
-                    format!("detecting the underlay MTU towards {underlay_peer}")
-                })?),
-            };
+        let mtu = match opts.mtu {
+            Some(m) => m,
+            None => link::tunnel_mtu(underlay_mtu(&ip, underlay_peer)?),
+        };
         if mtu < 1280 {
             bail!("tunnel MTU {mtu} is below 1280 (IPv6's minimum); set --mtu or fix the underlay");
         }
@@ -211,6 +249,14 @@ impl Mesh {
             .set(&update)
             .with_context(|| format!("configuring {}", self.device.name()))?;
         peers::record(&mut self.applied, &changes);
+        let added: Vec<&DesiredPeer> = changes
+            .iter()
+            .filter_map(|c| match c {
+                PeerChange::Add(d) => Some(d),
+                _ => None,
+            })
+            .collect();
+        kick_handshakes(&added);
         for c in &changes {
             match c {
                 PeerChange::Add(d) => log(format!(

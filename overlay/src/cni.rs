@@ -21,7 +21,9 @@ pub fn conflist(
     let mut ipam = json!({
         "type": "host-local",
         "ranges": [[{ "subnet": subnet.to_string() }]],
-        "routes": [{ "dst": "0.0.0.0/0" }, { "dst": network.to_string() }],
+        // `isDefaultGateway` below adds the default route; listing 0.0.0.0/0 here too makes the
+        // bridge plugin add it twice and fail ("file exists").
+        "routes": [{ "dst": network.to_string() }],
     });
     if let Some(d) = ipam_dir {
         ipam["dataDir"] = json!(d);
@@ -71,6 +73,14 @@ mod tests {
         assert_eq!(bridge["ipMasq"], false);
         assert_eq!(bridge["ipam"]["type"], "host-local");
         assert_eq!(bridge["ipam"]["ranges"][0][0]["subnet"], "10.244.5.0/24");
+        assert_eq!(bridge["isDefaultGateway"], true);
+        let routes = bridge["ipam"]["routes"].as_array().unwrap();
+        assert_eq!(
+            routes.len(),
+            1,
+            "the default route comes from isDefaultGateway only"
+        );
+        assert_eq!(routes[0]["dst"], "10.244.0.0/16");
         assert_eq!(v["plugins"][1]["type"], "portmap");
     }
 }
