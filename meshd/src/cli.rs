@@ -10,6 +10,31 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use pki::inventory::ClusterSettings;
 use pki::keys::KeyAlgorithm;
 
+/// `println!` that ends the process quietly, with the status a SIGPIPE would give (141), when stdout
+/// is closed (`meshd status | head`).
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($t)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(141);
+            }
+        }
+    }};
+}
+
+/// `print!` with the same treatment of a closed stdout.
+macro_rules! out_raw {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = write!(std::io::stdout(), $($t)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(141);
+            }
+        }
+    }};
+}
+
 /// meshd: PKI, join, rotation, WireGuard overlay and TLS audit for Kubernetes clusters on networks you
 /// do not own.
 #[derive(Debug, Parser)]
@@ -318,17 +343,17 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let report = crate::init::init(&args.dir.data_dir, &s, &store, SystemTime::now())?;
             match args.output {
-                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-                OutputFormat::Table => print!("{}", render_init(&report)),
+                OutputFormat::Json => out!("{}", serde_json::to_string_pretty(&report)?),
+                OutputFormat::Table => out_raw!("{}", render_init(&report)),
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Certs(CertsCommand::Check { dir, output }) => {
             let rows = crate::certs::check(&dir.data_dir, SystemTime::now())?;
             match output {
-                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+                OutputFormat::Json => out!("{}", serde_json::to_string_pretty(&rows)?),
                 OutputFormat::Table => {
-                    print!("{}", crate::certs::render_table(&rows, &dir.data_dir))
+                    out_raw!("{}", crate::certs::render_table(&rows, &dir.data_dir))
                 }
             }
             let failed = rows.iter().filter(|r| r.failed()).count();
@@ -379,12 +404,12 @@ fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
                 };
                 let r = crate::join::join(&o).await?;
                 match a.output {
-                    OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&r)?),
+                    OutputFormat::Json => out!("{}", serde_json::to_string_pretty(&r)?),
                     OutputFormat::Table => {
-                        println!("joined as node {} with pod subnet {}", r.node_name, r.subnet);
-                        println!("WireGuard public key: {}", r.wireguard_public_key);
+                        out!("joined as node {} with pod subnet {}", r.node_name, r.subnet);
+                        out!("WireGuard public key: {}", r.wireguard_public_key);
                         for f in &r.files {
-                            println!("wrote {}", f.display());
+                            out!("wrote {}", f.display());
                         }
                     }
                 }
@@ -402,10 +427,10 @@ fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
                     OutputFormat::Json => {
                         let mut v = serde_json::to_value(&r)?;
                         v["join_command"] = serde_json::Value::String(cmd);
-                        println!("{}", serde_json::to_string_pretty(&v)?);
+                        out!("{}", serde_json::to_string_pretty(&v)?);
                     }
                     OutputFormat::Table => {
-                        println!("token:   {}\nexpires: {}\nuses:    {uses}\n\nOn the new node, run:\n  {cmd}", r.token, r.expires);
+                        out!("token:   {}\nexpires: {}\nuses:    {uses}\n\nOn the new node, run:\n  {cmd}", r.token, r.expires);
                     }
                 }
             }
@@ -413,11 +438,11 @@ fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
                 let client = crate::join::node_client(&dir.data_dir)?;
                 let r: Vec<crate::api::TokenInfo> = client.call(Method::GET, "/v1/tokens", None::<&()>).await?;
                 match output {
-                    OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&r)?),
+                    OutputFormat::Json => out!("{}", serde_json::to_string_pretty(&r)?),
                     OutputFormat::Table => {
-                        println!("{:<8} {:<22} {:<10} {:<6} DESCRIPTION", "ID", "EXPIRES", "USES LEFT", "USED");
+                        out!("{:<8} {:<22} {:<10} {:<6} DESCRIPTION", "ID", "EXPIRES", "USES LEFT", "USED");
                         for t in r {
-                            println!("{:<8} {:<22} {:<10} {:<6} {}", t.id, t.expires, if t.revoked { "revoked".to_string() } else { t.uses_left.map(|u| u.to_string()).unwrap_or("unlimited".into()) }, t.used, t.description);
+                            out!("{:<8} {:<22} {:<10} {:<6} {}", t.id, t.expires, if t.revoked { "revoked".to_string() } else { t.uses_left.map(|u| u.to_string()).unwrap_or("unlimited".into()) }, t.used, t.description);
                         }
                     }
                 }
@@ -425,17 +450,17 @@ fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
             Command::Token(TokenCommand::Revoke { dir, id }) => {
                 let client = crate::join::node_client(&dir.data_dir)?;
                 let _: serde_json::Value = client.call(Method::DELETE, &format!("/v1/tokens/{id}"), None::<&()>).await?;
-                println!("token {id} revoked");
+                out!("token {id} revoked");
             }
             Command::Node(NodeCommand::List { dir, output }) => {
                 let client = crate::join::node_client(&dir.data_dir)?;
                 let r: Vec<crate::registry::NodeRecord> = client.call(Method::GET, "/v1/nodes", None::<&()>).await?;
                 match output {
-                    OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&r)?),
+                    OutputFormat::Json => out!("{}", serde_json::to_string_pretty(&r)?),
                     OutputFormat::Table => {
-                        println!("{:<20} {:<18} {:<22} WIREGUARD KEY", "NAME", "SUBNET", "ENDPOINT");
+                        out!("{:<20} {:<18} {:<22} WIREGUARD KEY", "NAME", "SUBNET", "ENDPOINT");
                         for n in r {
-                            println!("{:<20} {:<18} {:<22} {}", n.name, n.subnet.to_string(), n.endpoint.to_string(), n.wireguard_public_key);
+                            out!("{:<20} {:<18} {:<22} {}", n.name, n.subnet.to_string(), n.endpoint.to_string(), n.wireguard_public_key);
                         }
                     }
                 }
@@ -443,13 +468,13 @@ fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
             Command::Node(NodeCommand::Remove { dir, name }) => {
                 let client = crate::join::node_client(&dir.data_dir)?;
                 let _: serde_json::Value = client.call(Method::DELETE, &format!("/v1/nodes/{name}"), None::<&()>).await?;
-                println!("node {name} removed; its subnet is released");
+                out!("node {name} removed; its subnet is released");
             }
             Command::Status { dir, wg_interface, output } => {
                 let st = crate::status::status(&dir.data_dir, &wg_interface).await?;
                 match output {
-                    OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&st)?),
-                    OutputFormat::Table => print!("{}", crate::status::render(&st)),
+                    OutputFormat::Json => out!("{}", serde_json::to_string_pretty(&st)?),
+                    OutputFormat::Table => out_raw!("{}", crate::status::render(&st)),
                 }
             }
             Command::Init(_) | Command::Certs(_) => anyhow::bail!("internal error: not an async command"),
