@@ -2012,6 +2012,16 @@ fn nodes_cannot_claim_what_is_not_theirs() {
         "addresses: 127.0.0.2 is registered to node \"n1\"",
     );
     assert_eq!(cp.token_info(&t.id).used, 0, "no refused join spent a use");
+    // Only the exact reserved names are refused: an ordinary name that merely starts alike is fine.
+    rt.block_on(api_join(
+        &client,
+        &join_request(
+            &t.token,
+            "kubernetes-worker-1",
+            "127.0.0.61".parse().unwrap(),
+        ),
+    ))
+    .expect("kubernetes-worker-1 joins");
 
     // A node's serving certificate is signed by the cluster CA and names 127.0.0.2: served by an
     // impostor there, it must not pass a joining node's pin check, and no token may reach it.

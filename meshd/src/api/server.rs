@@ -530,7 +530,8 @@ fn check_claims(s: &ClusterSettings, r: &JoinRequest) -> Result<(), ApiError> {
         }
     }
     if reserved_names.iter().any(|n| n.eq_ignore_ascii_case(name))
-        || name.starts_with("kubernetes")
+        || name == "kubernetes"
+        || name.starts_with("kubernetes.")
         || name == domain
         || name.ends_with(&format!(".{domain}"))
         || name.ends_with(".svc")
