@@ -1446,15 +1446,6 @@ impl Store for EmbeddedStore {
         self.blocking(move |i| i.list(&prefix)).await
     }
 
-    async fn create(
-        &self,
-        key: &str,
-        value: &[u8],
-        lease: Option<LeaseId>,
-    ) -> Result<Option<KeyValue>, StoreError> {
-        self.compare_and_swap(key, 0, value, lease).await
-    }
-
     async fn compare_and_swap(
         &self,
         key: &str,

@@ -322,15 +322,6 @@ impl Store for EtcdStore {
         Ok(Listing { kvs, revision })
     }
 
-    async fn create(
-        &self,
-        key: &str,
-        value: &[u8],
-        lease: Option<LeaseId>,
-    ) -> Result<Option<KeyValue>, StoreError> {
-        self.compare_and_swap(key, 0, value, lease).await
-    }
-
     async fn compare_and_swap(
         &self,
         key: &str,

@@ -200,7 +200,9 @@ pub trait Store: Send + Sync + 'static {
         key: &str,
         value: &[u8],
         lease: Option<LeaseId>,
-    ) -> Result<Option<KeyValue>, StoreError>;
+    ) -> Result<Option<KeyValue>, StoreError> {
+        self.compare_and_swap(key, 0, value, lease).await
+    }
 
     /// Writes `key` only if its `mod_revision` is `expected` (0: only if absent). Returns the new
     /// state on success, `Ok(None)` when the comparison failed.
