@@ -12,6 +12,7 @@
 #   containernetworking-plugins  the real CNI plugins (bridge, host-local, portmap in /usr/lib/cni)
 #                           that wire pods from meshd's conflist (the lab, the mesh tests)
 #   jq                      deploy/lab.sh reads meshd's JSON and chains the CNI plugins with it
+#   nftables                the mesh tests: a NAT (masquerade) in front of a node, routers that drop ICMP
 set -euo pipefail
 need=()
 command -v openssl >/dev/null || need+=(openssl)
@@ -26,6 +27,7 @@ command -v ping >/dev/null || need+=(iputils-ping)
 command -v ip >/dev/null || need+=(iproute2)
 [ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)
 command -v jq >/dev/null || need+=(jq)
+command -v nft >/dev/null || need+=(nftables)
 if [ "${MESHD_BENCH_DEPS:-0}" = 1 ]; then
   command -v cfssl >/dev/null || need+=(golang-cfssl)
   command -v wireguard-go >/dev/null || need+=(wireguard-go)

@@ -161,8 +161,13 @@ impl Mesh {
             Some(m) => m,
             None => link::tunnel_mtu(underlay_mtu(&ip, underlay_peer)?),
         };
-        if mtu < 1280 {
-            bail!("tunnel MTU {mtu} is below 1280 (IPv6's minimum); set --mtu or fix the underlay");
+        // The pod network is IPv4 (the cluster CIDR must be): a tunnel on a 1280-byte underlay
+        // (1200) is fine; below IPv4's 576 nothing is.
+        if mtu < link::IPV4_MIN_MTU {
+            bail!(
+                "tunnel MTU {mtu} is below {} (IPv4's minimum datagram size); set --mtu or fix the underlay",
+                link::IPV4_MIN_MTU
+            );
         }
         let mut cfg = DeviceConfig::new(private_key);
         cfg.listen_port = me.endpoint.port();

@@ -23,6 +23,10 @@ pub const WIREGUARD_OVERHEAD: u32 = 80;
 /// The smallest MTU an IPv6 link may have; a tunnel MTU below it cannot carry IPv6.
 pub const IPV6_MIN_MTU: u32 = 1280;
 
+/// The smallest datagram every IPv4 host must accept (RFC 791): an IPv4 tunnel MTU below it is
+/// refused. A 1280-byte underlay gives a 1200-byte tunnel, which IPv4 pods use fine.
+pub const IPV4_MIN_MTU: u32 = 576;
+
 /// Errors of the interface plumbing.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {

@@ -1,6 +1,8 @@
 //! The WireGuard mesh end to end, as `deploy/lab.sh` builds it, on this one machine: every node is a
 //! network namespace running the real `meshd run` (the control plane after `meshd init`, the others
-//! after `meshd token create` + `meshd join`), joined by veths to a bridge in an underlay namespace,
+//! after `meshd token create` + `meshd join`), joined by veths to a bridge in an underlay namespace
+//! (or, for the MTU and NAT tests, to routed segments of it: different link MTUs, a narrow hop
+//! that sends no ICMP, a NAT namespace with nftables masquerade),
 //! and every node has a pod namespace wired by the real CNI plugins (`bridge`, `host-local`,
 //! `portmap` from containernetworking-plugins in /usr/lib/cni) run from the conflist meshd wrote.
 //! Checked with real tools: `ping`, `wg show` (wireguard-tools, over meshd's UAPI socket), `tcpdump`
@@ -217,6 +219,8 @@ struct DumpPeer {
     handshake: u64,
     rx: u64,
     tx: u64,
+    /// Persistent keepalive, seconds ("off" when none).
+    keepalive: String,
 }
 
 /// `wg show IF dump` in `ns`: the interface's public key, listen port and peers by public key.
@@ -237,6 +241,7 @@ fn wg_dump(ns: &str, ifname: &str) -> (String, String, BTreeMap<String, DumpPeer
                     handshake: f[4].parse().expect("handshake"),
                     rx: f[5].parse().expect("rx"),
                     tx: f[6].parse().expect("tx"),
+                    keepalive: f[7].into(),
                 },
             )
         })
@@ -315,7 +320,84 @@ struct Cluster {
     extra: Vec<(String, Child)>,
     /// (token, CA pin) from `meshd token create`.
     token: Option<(String, String)>,
+    /// How each node reaches the underlay (default [`Attach::Bridge`]).
+    attach: BTreeMap<String, Attach>,
+    /// Extra `meshd run` arguments per node.
+    run_args: BTreeMap<String, Vec<String>>,
 }
+
+/// How a node reaches the underlay. The underlay namespace is both a bridge (`br0`, the shared
+/// segment `<UNDERLAY>.0/24`) and a router (forwarding on) for the routed segments.
+#[derive(Clone, Copy, Debug)]
+enum Attach {
+    /// On the shared bridge, at `<UNDERLAY>.1` (cp) or `<UNDERLAY>.1K` (nK), MTU [`UNDERLAY_MTU`].
+    Bridge,
+    /// At `10.216.K.2` on a segment of its own (the router is `.1`) whose link has MTU `mtu`.
+    /// `wan: Some(m)`: a second router sits between the segment and the underlay router, on a
+    /// link of MTU `m`, and neither router sends ICMP errors about UDP packets: a path whose MTU
+    /// is lower than both ends' links, with "fragmentation needed" dropped (a PMTU black hole
+    /// for the tunnel).
+    Routed { mtu: u32, wan: Option<u32> },
+    /// At `192.168.K.2` behind a NAT namespace (nftables masquerade) whose outside address is
+    /// `10.216.K.2` on a segment of the underlay router: the node's own address is unreachable
+    /// from the others.
+    Nat,
+}
+
+/// K of node `cp` (0) or `nK`.
+fn segment(name: &str) -> u32 {
+    match name {
+        "cp" => 0,
+        n => n[1..]
+            .parse::<u32>()
+            .expect("node names are cp, n1, n2, ..."),
+    }
+}
+
+/// A veth pair `a_if` in `a_ns` and `b_if` in `b_ns`, both with `mtu`, both up.
+fn veth(a_ns: &str, a_if: &str, b_ns: &str, b_if: &str, mtu: u32) {
+    let mtu = mtu.to_string();
+    ok(&[
+        "ip", "-n", a_ns, "link", "add", a_if, "mtu", &mtu, "type", "veth", "peer", "name", b_if,
+        "mtu", &mtu, "netns", b_ns,
+    ]);
+    ok(&["ip", "-n", a_ns, "link", "set", a_if, "up"]);
+    ok(&["ip", "-n", b_ns, "link", "set", b_if, "up"]);
+}
+
+fn address(ns: &str, ifname: &str, cidr: &str) {
+    ok(&["ip", "-n", ns, "address", "add", cidr, "dev", ifname]);
+}
+
+/// Loads an nftables ruleset into `ns`.
+fn nft(ns: &str, ruleset: &str) {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nft");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(ruleset.as_bytes())
+        .expect("nft ruleset");
+    let out = child.wait_with_output().expect("nft");
+    assert!(out.status.success(), "nft in {ns}: {}", describe(&out));
+}
+
+/// Drops every ICMP "destination unreachable" (so also "fragmentation needed") the namespace
+/// would send about a UDP packet (the quoted IP header's protocol byte, 8 + 9 bytes into the ICMP
+/// message, is 17): WireGuard's packets get no PMTU feedback, while TCP (the meshd API) still does.
+const NO_ICMP_ERRORS: &str = "table inet meshdtest {
+  chain out {
+    type filter hook output priority filter; policy accept;
+    icmp type destination-unreachable @th,136,8 17 drop
+  }
+}
+";
 
 impl Cluster {
     fn new(test: &str) -> Cluster {
@@ -332,6 +414,8 @@ impl Cluster {
             netns: Vec::new(),
             extra: Vec::new(),
             token: None,
+            attach: BTreeMap::new(),
+            run_args: BTreeMap::new(),
         };
         c.underlay = c.netns("ul");
         ok(&[
@@ -345,6 +429,7 @@ impl Cluster {
             "bridge",
         ]);
         ok(&["ip", "-n", &c.underlay, "link", "set", "br0", "up"]);
+        in_ns_ok(&c.underlay, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         c
     }
 
@@ -400,63 +485,12 @@ impl Cluster {
         let pod_ns = self.netns(&format!("{name}-pod"));
         let ifname = format!("mm{}{name}", self.tag);
         assert!(ifname.len() <= 15, "interface name {ifname} too long");
-        let addr = match name {
-            "cp" => format!("{UNDERLAY}.1"),
-            n => format!(
-                "{UNDERLAY}.{}",
-                10 + n[1..]
-                    .parse::<u32>()
-                    .expect("node names are cp, n1, n2, ...")
-            ),
+        let attach = self.attach.get(name).copied().unwrap_or(Attach::Bridge);
+        let addr = match attach {
+            Attach::Bridge => self.bridged(name, &ns),
+            Attach::Routed { mtu, wan } => self.routed(name, &ns, mtu, wan),
+            Attach::Nat => self.natted(name, &ns),
         };
-        let ul_if = format!("ul-{name}");
-        ok(&[
-            "ip",
-            "-n",
-            &self.underlay,
-            "link",
-            "add",
-            &ul_if,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &ns,
-        ]);
-        ok(&[
-            "ip",
-            "-n",
-            &self.underlay,
-            "link",
-            "set",
-            &ul_if,
-            "master",
-            "br0",
-            "up",
-        ]);
-        ok(&[
-            "ip",
-            "-n",
-            &ns,
-            "link",
-            "set",
-            "eth0",
-            "mtu",
-            &UNDERLAY_MTU.to_string(),
-        ]);
-        ok(&[
-            "ip",
-            "-n",
-            &ns,
-            "address",
-            "add",
-            &format!("{addr}/24"),
-            "dev",
-            "eth0",
-        ]);
-        ok(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
         in_ns_ok(&ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         let dir = self.dir.join(name);
         std::fs::create_dir_all(&dir).expect("node dir");
@@ -472,6 +506,165 @@ impl Cluster {
             pod_ip: None,
         });
         self.nodes.len() - 1
+    }
+
+    /// Wires `ns` to the bridge; returns its address.
+    fn bridged(&mut self, name: &str, ns: &str) -> String {
+        let addr = match name {
+            "cp" => format!("{UNDERLAY}.1"),
+            n => format!("{UNDERLAY}.{}", 10 + segment(n)),
+        };
+        let ul_if = format!("ul-{name}");
+        ok(&[
+            "ip",
+            "-n",
+            &self.underlay,
+            "link",
+            "add",
+            &ul_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns,
+        ]);
+        ok(&[
+            "ip",
+            "-n",
+            &self.underlay,
+            "link",
+            "set",
+            &ul_if,
+            "master",
+            "br0",
+            "up",
+        ]);
+        ok(&[
+            "ip",
+            "-n",
+            ns,
+            "link",
+            "set",
+            "eth0",
+            "mtu",
+            &UNDERLAY_MTU.to_string(),
+        ]);
+        address(ns, "eth0", &format!("{addr}/24"));
+        ok(&["ip", "-n", ns, "link", "set", "eth0", "up"]);
+        addr
+    }
+
+    /// Wires `ns` to a routed segment of its own (see [`Attach::Routed`]); returns its address.
+    fn routed(&mut self, name: &str, ns: &str, mtu: u32, wan: Option<u32>) -> String {
+        let k = segment(name);
+        let ul = self.underlay.clone();
+        match wan {
+            None => {
+                veth(&ul, &format!("r-{name}"), ns, "eth0", mtu);
+                address(&ul, &format!("r-{name}"), &format!("10.216.{k}.1/24"));
+            }
+            Some(wan_mtu) => {
+                let wns = self.netns(&format!("{name}-wan"));
+                veth(&ul, &format!("w-{name}"), &wns, "up0", wan_mtu);
+                address(&ul, &format!("w-{name}"), &format!("10.217.{k}.1/24"));
+                address(&wns, "up0", &format!("10.217.{k}.2/24"));
+                veth(&wns, "down0", ns, "eth0", mtu);
+                address(&wns, "down0", &format!("10.216.{k}.1/24"));
+                ok(&[
+                    "ip",
+                    "-n",
+                    &ul,
+                    "route",
+                    "add",
+                    &format!("10.216.{k}.0/24"),
+                    "via",
+                    &format!("10.217.{k}.2"),
+                ]);
+                ok(&[
+                    "ip",
+                    "-n",
+                    &wns,
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &format!("10.217.{k}.1"),
+                ]);
+                in_ns_ok(&wns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+                // Neither router tells the ends that a UDP packet was too big.
+                nft(&wns, NO_ICMP_ERRORS);
+                nft(&ul, NO_ICMP_ERRORS);
+            }
+        }
+        let addr = format!("10.216.{k}.2");
+        address(ns, "eth0", &format!("{addr}/24"));
+        ok(&[
+            "ip",
+            "-n",
+            ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.216.{k}.1"),
+        ]);
+        addr
+    }
+
+    /// Wires `ns` behind a NAT namespace (see [`Attach::Nat`]); returns its (private) address.
+    fn natted(&mut self, name: &str, ns: &str) -> String {
+        let k = segment(name);
+        let ul = self.underlay.clone();
+        let nat = self.netns(&format!("{name}-nat"));
+        veth(&ul, &format!("r-{name}"), &nat, "wan0", UNDERLAY_MTU);
+        address(&ul, &format!("r-{name}"), &format!("10.216.{k}.1/24"));
+        address(&nat, "wan0", &format!("10.216.{k}.2/24"));
+        veth(&nat, "lan0", ns, "eth0", UNDERLAY_MTU);
+        address(&nat, "lan0", &format!("192.168.{k}.1/24"));
+        ok(&[
+            "ip",
+            "-n",
+            &nat,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.216.{k}.1"),
+        ]);
+        in_ns_ok(&nat, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        nft(
+            &nat,
+            "table ip meshdnat {
+  chain post {
+    type nat hook postrouting priority srcnat; policy accept;
+    oifname \"wan0\" masquerade
+  }
+}
+",
+        );
+        // UDP mappings expire after 3 s without traffic (Linux: 30 s, 120 s once replied; NAT
+        // boxes on rented networks often less), so that the test sees what keepalive is for.
+        for key in [
+            "net.netfilter.nf_conntrack_udp_timeout=3",
+            "net.netfilter.nf_conntrack_udp_timeout_stream=3",
+        ] {
+            in_ns_ok(&nat, &["sysctl", "-qw", key]);
+        }
+        let addr = format!("192.168.{k}.2");
+        address(ns, "eth0", &format!("{addr}/24"));
+        ok(&[
+            "ip",
+            "-n",
+            ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("192.168.{k}.1"),
+        ]);
+        addr
     }
 
     /// Starts `meshd run` on a node (its log appended to `meshd.log`); returns when it is ready.
@@ -497,6 +690,7 @@ impl Cluster {
             .arg(n.subnet_env())
             .arg("--cni-conf")
             .arg(n.conflist())
+            .args(self.run_args.get(&n.name).into_iter().flatten())
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log))
@@ -1517,4 +1711,251 @@ fn a_restarted_node_is_back_within_two_seconds_with_its_key_and_subnet() {
         late.is_empty(),
         "the tunnel was not back within {BUDGET:?}: {late:#?}"
     );
+}
+
+/// The tunnel MTU a node's meshd must choose on a path of `link_mtu`: interface, subnet.env and
+/// conflist agree on `link_mtu - 80`.
+fn assert_tunnel_mtu(n: &Node, link_mtu: u32) {
+    let link = in_ns_ok(&n.ns, &["ip", "-j", "link", "show", &n.ifname]);
+    let link: serde_json::Value = serde_json::from_str(&link).expect("ip -j link");
+    let env = std::fs::read_to_string(n.subnet_env()).expect("subnet.env");
+    let conf: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(n.conflist()).expect("conflist"))
+            .expect("conflist JSON");
+    let mtu = link_mtu - 80;
+    assert_eq!(
+        (
+            link[0]["mtu"].as_u64(),
+            env_value(&env, "FLANNEL_MTU"),
+            conf["plugins"][0]["mtu"].as_u64()
+        ),
+        (
+            Some(u64::from(mtu)),
+            Some(mtu.to_string()),
+            Some(u64::from(mtu))
+        ),
+        "{}: tunnel MTU (interface, subnet.env, conflist) is not its underlay's {link_mtu} - 80",
+        n.name
+    );
+}
+
+/// Runs the transfers at once and checks every byte arrived intact.
+fn transfers_intact(c: &Cluster, pairs: &[(&str, &str)], first_port: u16) {
+    let handles: Vec<_> = pairs
+        .iter()
+        .enumerate()
+        .map(|(i, (from, to))| {
+            let (a, b) = (&c.nodes[c.node(from)], &c.nodes[c.node(to)]);
+            let h = transfer(
+                &a.pod_ns,
+                &b.pod_ns,
+                &b.pod_ip(),
+                first_port + i as u16,
+                payload(TRANSFER_BYTES, 10 + i as u64),
+            );
+            (format!("{from} -> {to}"), h)
+        })
+        .collect();
+    for (what, h) in handles {
+        let (got, sent, received, took) = h.join().expect("transfer");
+        assert_eq!(got, TRANSFER_BYTES, "{what}: bytes received");
+        assert_eq!(received, sent, "{what}: SHA-256 differs");
+        eprintln!(
+            "{what}: {TRANSFER_BYTES} bytes in {took:?} ({:.0} Mbit/s), sha256 matches",
+            TRANSFER_BYTES as f64 * 8.0 / took.as_secs_f64() / 1e6
+        );
+    }
+}
+
+/// Underlays of different MTUs: nodes on links of 1500, 1400 and 1280 bytes, and one on a 1500
+/// link behind a 1280 hop whose routers send no ICMP (a path MTU black hole). Every node's tunnel
+/// MTU follows its own link; full-size pings (Don't Fragment clear) and 12 MiB TCP transfers
+/// between pods cross every pair of them, the black-holed path included: meshd sends its
+/// encapsulated packets with DF clear, as the kernel's WireGuard does, so the narrow hop
+/// fragments them instead of dropping them.
+#[test]
+fn underlays_with_different_mtus_carry_full_size_packets_without_a_black_hole() {
+    let _serial = serial();
+    if !prerequisites() {
+        return;
+    }
+    require_tool("nft", "nftables");
+    let t_all = Instant::now();
+    let mut c = Cluster::new("u");
+    let links = [
+        ("cp", 1500, None),
+        ("n1", 1400, None),
+        ("n2", 1280, None),
+        ("n3", 1500, Some(1280)),
+    ];
+    for (name, mtu, wan) in links {
+        c.attach
+            .insert(name.to_string(), Attach::Routed { mtu, wan });
+    }
+    c.control_plane();
+    for (name, _, _) in &links[1..] {
+        c.join(name);
+    }
+    for idx in 0..c.nodes.len() {
+        c.pod(idx);
+    }
+    // A node's underlay MTU is its link's, or the path MTU towards the control plane when the
+    // kernel knows a lower one (n3 learns it during its join: the API's TCP gets the ICMP that
+    // WireGuard's UDP does not).
+    let cp_addr = c.cp().addr.clone();
+    for (name, mtu, wan) in links {
+        let n = &c.nodes[c.node(name)];
+        let route = in_ns_ok(&n.ns, &["ip", "route", "get", &cp_addr]);
+        let path = route
+            .split_whitespace()
+            .skip_while(|w| *w != "mtu")
+            .nth(1)
+            .and_then(|m| m.parse::<u32>().ok());
+        if wan.is_some() {
+            eprintln!("{name}: route to the control plane: {}", route.trim());
+        }
+        assert_tunnel_mtu(n, path.map_or(mtu, |p| p.min(mtu)));
+    }
+    let all: Vec<usize> = (0..c.nodes.len()).collect();
+    until_all_answer(&c.all_pairs(&all), Duration::from_secs(10))
+        .unwrap_or_else(|f| panic!("pods without an answer: {f:?}"));
+
+    // Full-size pings from every pod: as large as the sender's pod interface allows, DF clear,
+    // so that they need fragmenting wherever the path is narrower (n2's link, n3's 1280 hop).
+    let mut failed = Vec::new();
+    for a in &all {
+        for b in &all {
+            if a == b {
+                continue;
+            }
+            let size = (links[*a].1 - 80 - 28).to_string();
+            let (from, to) = (&c.nodes[*a], &c.nodes[*b]);
+            let out = in_ns(
+                &from.pod_ns,
+                &[
+                    "ping",
+                    "-n",
+                    "-q",
+                    "-M",
+                    "dont",
+                    "-s",
+                    &size,
+                    "-c",
+                    "2",
+                    "-W",
+                    "3",
+                    &to.pod_ip(),
+                ],
+            );
+            if !out.status.success() {
+                failed.push(format!("{} -> {} ({size} bytes)", from.name, to.name));
+            }
+        }
+    }
+    assert!(failed.is_empty(), "full-size pings lost: {failed:?}");
+
+    // TCP through each narrow place, both directions on the black-holed path.
+    transfers_intact(
+        &c,
+        &[("cp", "n3"), ("n3", "n1"), ("n1", "n2"), ("n2", "cp")],
+        9100,
+    );
+    eprintln!("test u: {:?}", t_all.elapsed());
+}
+
+/// A node behind NAT (nftables masquerade; its own address is unreachable from the others; UDP
+/// mappings expire after 3 s) joins with `meshd run --keepalive 2`: its pod reaches every other
+/// pod and is reached from them, also after a silence longer than the NAT's timeout; the others
+/// learn its endpoint from its packets (the NAT's outside address) and keep it when the registry
+/// changes (a later join); its peers carry the keepalive.
+#[test]
+fn a_node_behind_nat_is_in_the_mesh_with_keepalive() {
+    let _serial = serial();
+    if !prerequisites() {
+        return;
+    }
+    require_tool("nft", "nftables");
+    let t_all = Instant::now();
+    let mut c = Cluster::new("t");
+    for name in ["cp", "n1", "n3"] {
+        c.attach.insert(
+            name.to_string(),
+            Attach::Routed {
+                mtu: UNDERLAY_MTU,
+                wan: None,
+            },
+        );
+    }
+    c.attach.insert("n2".into(), Attach::Nat);
+    c.run_args
+        .insert("n2".into(), vec!["--keepalive".into(), "2".into()]);
+    c.control_plane();
+    c.join("n1");
+    c.join("n2");
+    for idx in 0..c.nodes.len() {
+        c.pod(idx);
+    }
+    let all: Vec<usize> = (0..c.nodes.len()).collect();
+    let took = until_all_answer(&c.all_pairs(&all), Duration::from_secs(15))
+        .unwrap_or_else(|f| panic!("pods without an answer: {f:?}"));
+    eprintln!("every pod answered every pod {took:?} after the NAT'd node started");
+    transfers_intact(&c, &[("cp", "n2"), ("n2", "n1")], 9200);
+
+    let n2_key = c.nodes[c.node("n2")].public_key();
+    let registry = c.registry();
+    assert_eq!(
+        registry["n2"]["endpoint"].as_str(),
+        Some(format!("192.168.2.2:{WG_PORT}").as_str()),
+        "the NAT'd node registers its own (private) address: {}",
+        registry["n2"]
+    );
+    let check_learned = |c: &Cluster, names: &[&str]| {
+        for name in names {
+            let n = &c.nodes[c.node(name)];
+            let (_, _, peers) = wg_dump(&n.ns, &n.ifname);
+            let p = &peers[&n2_key];
+            assert!(
+                p.endpoint.starts_with("10.216.2.2:"),
+                "{name}: the endpoint of the NAT'd node is {} (not its NAT's outside address)",
+                p.endpoint
+            );
+            assert_eq!(p.keepalive, "off", "{name} -> n2: {p:?}");
+        }
+    };
+    check_learned(&c, &["cp", "n1"]);
+    let n2 = &c.nodes[c.node("n2")];
+    let (_, _, peers) = wg_dump(&n2.ns, &n2.ifname);
+    assert_eq!(peers.len(), 2, "{peers:?}");
+    for p in peers.values() {
+        assert_eq!(p.keepalive, "2", "n2's peers: {p:?}");
+    }
+
+    // Silence longer than the NAT's UDP timeout: only the keepalive keeps the mapping, so that
+    // the others can still reach the NAT'd node first.
+    std::thread::sleep(Duration::from_secs(7));
+    let inbound: Vec<(String, String)> = ["cp", "n1"]
+        .iter()
+        .map(|n| {
+            (
+                c.nodes[c.node(n)].pod_ns.clone(),
+                c.nodes[c.node("n2")].pod_ip(),
+            )
+        })
+        .collect();
+    let res = ping_all(&inbound, "2");
+    assert!(
+        res.iter().all(|&ok| ok),
+        "after 7 s of silence the NAT'd node is unreachable: {inbound:?} -> {res:?}"
+    );
+
+    // A later join changes the registry: the endpoints learned from the NAT'd node stay, and the
+    // new node reaches it as soon as the NAT'd node greets it.
+    c.join("n3");
+    let n3 = c.node("n3");
+    c.pod(n3);
+    let all: Vec<usize> = (0..c.nodes.len()).collect();
+    until_all_answer(&c.all_pairs(&all), Duration::from_secs(15))
+        .unwrap_or_else(|f| panic!("pods without an answer after n3 joined: {f:?}"));
+    check_learned(&c, &["cp", "n1", "n3"]);
+    eprintln!("test t: {:?}", t_all.elapsed());
 }

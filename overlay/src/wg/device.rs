@@ -46,7 +46,8 @@
 //! [`DeviceConfig::mtu`].
 //!
 //! boringtun's per-peer *connected* UDP sockets are disabled: all traffic uses the listen sockets,
-//! whose buffers [`super::sockbuf`] enlarges (SO_RCVBUF/SO_SNDBUF).
+//! whose buffers [`super::sockbuf`] enlarges (SO_RCVBUF/SO_SNDBUF) and which send with Don't
+//! Fragment clear, as the kernel's WireGuard does (no PMTU black hole on the underlay).
 
 use std::collections::BTreeMap;
 use std::io::{BufReader, Read as _, Write as _};
@@ -772,11 +773,9 @@ impl Core {
         Ok(())
     }
 
-    /// Sizes the buffers of the UDP sockets on the current listen port.
+    /// Sizes the buffers of the UDP sockets on the current listen port (unless asked not to) and
+    /// clears Don't Fragment on them (see [`sockbuf`]).
     fn tune_buffers(&self) {
-        if self.buffer_bytes == 0 {
-            return;
-        }
         let Ok(info) = self.get() else { return };
         let report = sockbuf::tune(info.listen_port, self.buffer_bytes).ok();
         if let Ok(mut r) = self.report.lock() {

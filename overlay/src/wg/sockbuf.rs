@@ -1,4 +1,4 @@
-//! Sizing the UDP socket buffers of the boringtun device.
+//! Sizing the UDP socket buffers of the boringtun device, and clearing Don't Fragment on them.
 //!
 //! boringtun 0.7 creates its UDP sockets inside `DeviceHandle` and offers no hook to set socket
 //! options on them. They are in this process, though: this module finds them by listing
@@ -12,6 +12,14 @@
 //! retransmits (see the design notes, anchors.md). The `*FORCE` variants (root or
 //! `CAP_NET_ADMIN`) go beyond `net.core.rmem_max`; without the capability the plain options
 //! apply, capped by the kernel.
+//!
+//! The same pass sets `IP_MTU_DISCOVER` to `IP_PMTUDISC_DONT` on the IPv4 sockets, as the kernel's
+//! WireGuard does for its encapsulated packets (it sends them with DF clear): an encapsulated
+//! packet too large for some hop of the underlay is fragmented by that hop instead of dropped.
+//! With Linux's default (`IP_PMTUDISC_WANT`, DF set) such a packet is dropped and only an ICMP
+//! "fragmentation needed" lets the sender adapt; on a path whose middleboxes drop that ICMP (common
+//! on rented networks) every full-size packet disappears: a PMTU black hole that stalls TCP between
+//! pods. IPv6 routers never fragment; there the sender fragments to the path MTU it learns.
 
 use std::net::SocketAddr;
 
@@ -27,10 +35,13 @@ pub struct BufferReport {
     pub sockets: Vec<(SocketAddr, usize, usize)>,
     /// Whether the forced options (`SO_RCVBUFFORCE`/`SO_SNDBUFFORCE`) were accepted.
     pub forced: bool,
+    /// How many IPv4 sockets now send with Don't Fragment clear (`IP_PMTUDISC_DONT`).
+    pub df_cleared: usize,
 }
 
 /// Sets the send and receive buffers of every UDP socket of this process bound to `port` to
-/// `bytes`. Returns what it found; an empty report if no such socket exists.
+/// `bytes` (0: leaves them alone), and clears Don't Fragment on the IPv4 ones. Returns what it
+/// found; an empty report if no such socket exists.
 pub fn tune(port: u16, bytes: usize) -> std::io::Result<BufferReport> {
     let pidfd = rustix::process::pidfd_open(
         rustix::process::getpid(),
@@ -79,9 +90,16 @@ pub fn tune(port: u16, bytes: usize) -> std::io::Result<BufferReport> {
             Ok(st) if seen.insert(st.st_ino) => {}
             _ => continue,
         }
-        let forced = sockopt::set_socket_recv_buffer_size_force(&dup, bytes).is_ok()
-            && sockopt::set_socket_send_buffer_size_force(&dup, bytes).is_ok();
-        if !forced {
+        if local.is_ipv4()
+            && sockopt::set_ip_mtu_discover(&dup, sockopt::Ipv4PathMtuDiscovery::DONT).is_ok()
+        {
+            report.df_cleared += 1;
+        }
+        if bytes == 0 {
+            report.forced = false;
+        } else if !(sockopt::set_socket_recv_buffer_size_force(&dup, bytes).is_ok()
+            && sockopt::set_socket_send_buffer_size_force(&dup, bytes).is_ok())
+        {
             report.forced = false;
             sockopt::set_socket_recv_buffer_size(&dup, bytes)?;
             sockopt::set_socket_send_buffer_size(&dup, bytes)?;
@@ -116,5 +134,21 @@ mod tests {
         }
         // The original socket sees the change.
         assert_eq!(sockopt::socket_recv_buffer_size(&s).unwrap(), rcv);
+        // And sends with Don't Fragment clear (the default would be WANT: DF set).
+        assert_eq!(r.df_cleared, 1, "{r:?}");
+        assert_eq!(
+            sockopt::ip_mtu_discover(&s).unwrap(),
+            sockopt::Ipv4PathMtuDiscovery::DONT
+        );
+    }
+
+    #[test]
+    fn zero_bytes_leaves_the_buffers_but_clears_df() {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let before = sockopt::socket_recv_buffer_size(&s).unwrap();
+        let r = tune(s.local_addr().unwrap().port(), 0).unwrap();
+        assert_eq!(sockopt::socket_recv_buffer_size(&s).unwrap(), before);
+        assert!(!r.forced);
+        assert_eq!(r.df_cleared, 1, "{r:?}");
     }
 }
