@@ -38,6 +38,12 @@ pub struct Mesh {
     device: Device,
     me: String,
     network: Ipv4Net,
+    /// This node's subnet (its network address is the device's address).
+    subnet: Ipv4Net,
+    /// Where subnet.env and the conflist go.
+    subnet_env: Option<PathBuf>,
+    cni_conf: Option<PathBuf>,
+    cni_bridge: String,
     keepalive: u16,
     applied: BTreeMap<String, DesiredPeer>,
     /// The tunnel MTU in use.
@@ -130,6 +136,33 @@ fn underlay_mtu(ip: &Ip, addr: IpAddr) -> anyhow::Result<u32> {
     Ok(if m > 65000 { 1500 } else { m })
 }
 
+/// Writes flannel's subnet.env and the CNI conflist for `subnet` (where asked for).
+fn write_node_files(
+    subnet_env: Option<&std::path::Path>,
+    cni_conf: Option<&std::path::Path>,
+    cni_bridge: &str,
+    network: Ipv4Net,
+    subnet: Ipv4Net,
+    mtu: u32,
+) -> anyhow::Result<()> {
+    let mtu16 = u16::try_from(mtu).unwrap_or(u16::MAX);
+    if let Some(p) = subnet_env {
+        pki::store::write_atomic(
+            p,
+            overlay::subnet_env(network, subnet, mtu16, true).as_bytes(),
+            0o644,
+        )?;
+    }
+    if let Some(p) = cni_conf {
+        pki::store::write_atomic(
+            p,
+            overlay::cni::conflist(network, subnet, mtu16, cni_bridge, None).as_bytes(),
+            0o644,
+        )?;
+    }
+    Ok(())
+}
+
 /// Sends one datagram into the tunnel towards each peer's mesh address, so the device starts the
 /// handshakes now instead of when the first packet comes (after a restart, peers still hold the old
 /// session and their packets are dropped until a new handshake: ~15 s if nobody initiates it).
@@ -178,22 +211,14 @@ impl Mesh {
         ip.set_mtu(&opts.ifname, mtu)?;
         ip.set_up(&opts.ifname)?;
         ip.route_replace(IpNet::V4(network), &opts.ifname)?;
-        let mtu16 = u16::try_from(mtu).unwrap_or(u16::MAX);
-        if let Some(p) = &opts.subnet_env {
-            pki::store::write_atomic(
-                p,
-                overlay::subnet_env(network, me.subnet, mtu16, true).as_bytes(),
-                0o644,
-            )?;
-        }
-        if let Some(p) = &opts.cni_conf {
-            pki::store::write_atomic(
-                p,
-                overlay::cni::conflist(network, me.subnet, mtu16, &opts.cni_bridge, None)
-                    .as_bytes(),
-                0o644,
-            )?;
-        }
+        write_node_files(
+            opts.subnet_env.as_deref(),
+            opts.cni_conf.as_deref(),
+            &opts.cni_bridge,
+            network,
+            me.subnet,
+            mtu,
+        )?;
         log(format!(
             "mesh: {} up, address {}/32, MTU {mtu}, route {network} via it, UDP port {}",
             opts.ifname,
@@ -204,10 +229,46 @@ impl Mesh {
             device,
             me: me.name.clone(),
             network,
+            subnet: me.subnet,
+            subnet_env: opts.subnet_env.clone(),
+            cni_conf: opts.cni_conf.clone(),
+            cni_bridge: opts.cni_bridge.clone(),
             keepalive: opts.keepalive,
             applied: BTreeMap::new(),
             mtu,
         })
+    }
+
+    /// Moves this node to `subnet` (its lease expired and the subnet went to another node, see
+    /// `POST /v1/lease/renew`): the device's address, subnet.env and the conflist follow; the
+    /// peers learn the new subnet from the registry. Pods attached before keep their old
+    /// addresses, as with flannel: they need restarting.
+    pub fn readdress(&mut self, subnet: Ipv4Net) -> anyhow::Result<()> {
+        let ip = Ip::new();
+        let ifname = self.device.name().to_string();
+        ip.add_address(&ifname, IpAddr::V4(subnet.network()))?;
+        ip.delete_address(&ifname, IpAddr::V4(self.subnet.network()))?;
+        // Deleting the primary address may take the route with it.
+        ip.route_replace(IpNet::V4(self.network), &ifname)?;
+        write_node_files(
+            self.subnet_env.as_deref(),
+            self.cni_conf.as_deref(),
+            &self.cni_bridge,
+            self.network,
+            subnet,
+            self.mtu,
+        )?;
+        log(format!(
+            "mesh: this node's subnet moved from {} to {subnet}: {ifname} re-addressed, subnet.env and the conflist rewritten; pods started before keep addresses of {} and need restarting",
+            self.subnet, self.subnet
+        ));
+        self.subnet = subnet;
+        Ok(())
+    }
+
+    /// This node's subnet.
+    pub fn subnet(&self) -> Ipv4Net {
+        self.subnet
     }
 
     /// The device's interface name.
@@ -234,6 +295,9 @@ impl Mesh {
             }
             PeerEvent::Put { node, .. } => {
                 if node.name == self.me {
+                    if node.subnet != self.subnet && self.network.contains(&node.subnet.network()) {
+                        self.readdress(node.subnet)?;
+                    }
                     return Ok(0);
                 }
                 peers::change_for(

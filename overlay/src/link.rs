@@ -236,6 +236,21 @@ impl Ip {
             .map(drop)
     }
 
+    /// `ip address del ADDR/32 (or /128) dev IFNAME`; `Ok(false)` if the address was not there.
+    pub fn delete_address(&self, ifname: &str, addr: IpAddr) -> Result<bool, LinkError> {
+        validate_ifname(ifname)?;
+        let host = IpNet::from(addr).to_string();
+        match self.run(&["address", "del", &host, "dev", ifname]) {
+            Ok(_) => Ok(true),
+            Err(LinkError::Failed { stderr, .. })
+                if stderr.contains("Cannot assign requested address") =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// `ip route replace CIDR dev IFNAME`: creates the route or moves it to this interface.
     pub fn route_replace(&self, cidr: IpNet, ifname: &str) -> Result<(), LinkError> {
         validate_ifname(ifname)?;
