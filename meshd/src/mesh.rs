@@ -110,32 +110,6 @@ pub fn to_updates(changes: &[PeerChange]) -> anyhow::Result<Vec<PeerUpdate>> {
     Ok(out)
 }
 
-/// The MTU of the underlay towards `addr`: the interface the route to it takes — or, when `addr` is
-/// one of this machine's own addresses (the control plane measuring towards itself), the interface
-/// that holds it. Loopback is never the underlay: it counts as 1500.
-fn underlay_mtu(ip: &Ip, addr: IpAddr) -> anyhow::Result<u32> {
-    let out = std::process::Command::new("ip")
-        .args(["-j", "address", "show", "to", &addr.to_string()])
-        .output()
-        .context("running `ip -j address show`")?;
-    if out.status.success() {
-        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
-            if let Some(link) = v.as_array().and_then(|a| a.first()) {
-                let name = link["ifname"].as_str().unwrap_or_default();
-                let mtu = u32::try_from(link["mtu"].as_u64().unwrap_or(0)).unwrap_or(0);
-                if name == "lo" || mtu == 0 || mtu > 65000 {
-                    return Ok(1500);
-                }
-                return Ok(mtu);
-            }
-        }
-    }
-    let m = ip
-        .underlay_mtu(addr)
-        .with_context(|| format!("detecting the underlay MTU towards {addr}"))?;
-    Ok(if m > 65000 { 1500 } else { m })
-}
-
 /// Writes flannel's subnet.env and the CNI conflist for `subnet` (where asked for).
 fn write_node_files(
     subnet_env: Option<&std::path::Path>,
@@ -192,7 +166,11 @@ impl Mesh {
         let ip = Ip::new();
         let mtu = match opts.mtu {
             Some(m) => m,
-            None => link::tunnel_mtu(underlay_mtu(&ip, underlay_peer)?),
+            None => {
+                link::tunnel_mtu(ip.underlay_mtu_for(underlay_peer).with_context(|| {
+                    format!("detecting the underlay MTU towards {underlay_peer}")
+                })?)
+            }
         };
         // The pod network is IPv4 (the cluster CIDR must be): a tunnel on a 1280-byte underlay
         // (1200) is fine; below IPv4's 576 nothing is.

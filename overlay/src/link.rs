@@ -121,6 +121,16 @@ pub fn parse_route_get(json: &str) -> Result<RouteInfo, String> {
     Ok(RouteInfo { dev, mtu })
 }
 
+/// Parses `ip -j address show to ADDR`: the interface holding the address and its MTU, or `None`
+/// when no interface holds it (or the output is not understood).
+pub fn parse_address_owner(json: &str) -> Option<(String, u32)> {
+    let v: Value = serde_json::from_str(json).ok()?;
+    let link = v.as_array()?.first()?;
+    let name = link["ifname"].as_str()?.to_string();
+    let mtu = u32::try_from(link["mtu"].as_u64()?).ok()?;
+    Some((name, mtu))
+}
+
 /// Parses the MTU out of the JSON of `ip -j link show dev DEV`.
 pub fn parse_link_mtu(json: &str) -> Result<u32, String> {
     let v: Value = serde_json::from_str(json).map_err(|e| format!("not JSON: {e}"))?;
@@ -306,6 +316,24 @@ impl Ip {
         })
     }
 
+    /// The underlay MTU for a tunnel that reaches `addr`: when `addr` is one of this machine's
+    /// own addresses (a control plane measuring towards itself), the MTU of the interface that
+    /// holds it; otherwise [`Ip::underlay_mtu`] (the route's interface, lowered to a known path
+    /// MTU). Loopback is never the underlay: it, and absurd values, count as 1500.
+    pub fn underlay_mtu_for(&self, addr: IpAddr) -> Result<u32, LinkError> {
+        let a = addr.to_string();
+        let own = self
+            .run(&["-j", "address", "show", "to", a.as_str()])
+            .ok()
+            .and_then(|out| parse_address_owner(&out));
+        let mtu = match own {
+            Some((ifname, _)) if ifname == "lo" => 1500,
+            Some((_, mtu)) => mtu,
+            None => self.underlay_mtu(addr)?,
+        };
+        Ok(if mtu == 0 || mtu > 65000 { 1500 } else { mtu })
+    }
+
     /// The underlay MTU towards an address: the MTU of the interface the kernel routes it through,
     /// lowered to the route's own `mtu` metric when it has one.
     pub fn underlay_mtu(&self, dst: IpAddr) -> Result<u32, LinkError> {
@@ -318,6 +346,15 @@ impl Ip {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_address_owner() {
+        let own = r#"[{"ifindex":2,"ifname":"eth0","flags":["UP"],"mtu":1400,"addr_info":[{"family":"inet","local":"10.0.0.1","prefixlen":24}]}]"#;
+        assert_eq!(parse_address_owner(own), Some(("eth0".into(), 1400)));
+        assert_eq!(parse_address_owner("[]"), None);
+        assert_eq!(parse_address_owner("garbage"), None);
+        assert_eq!(parse_address_owner(r#"[{"ifname":"x"}]"#), None);
+    }
 
     #[test]
     fn parses_route_get() {
