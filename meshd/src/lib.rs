@@ -14,6 +14,7 @@
 pub mod api;
 pub mod certs;
 pub mod cli;
+pub mod components;
 pub mod init;
 pub mod join;
 pub mod leases;
