@@ -381,7 +381,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         }
-        Command::Render { dir, format, out, output } => {
+        Command::Render {
+            dir,
+            format,
+            out,
+            output,
+        } => {
             let r = crate::components::forms::render_to(&dir.data_dir, format, &out)?;
             match output {
                 OutputFormat::Json => out!("{}", serde_json::to_string_pretty(&r)?),

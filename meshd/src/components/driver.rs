@@ -482,7 +482,11 @@ impl Driver {
                                 format!("{d}{}", if missing { " (missing)" } else { "" })
                             })
                             .collect();
-                        ("waiting", None, Some(format!("waiting for {}", w.join(", "))))
+                        (
+                            "waiting",
+                            None,
+                            Some(format!("waiting for {}", w.join(", "))),
+                        )
                     }
                     State::Starting => ("starting", None, None),
                     State::Running { healthy, .. } => (
@@ -547,7 +551,9 @@ impl Driver {
 }
 
 fn signal(pid: u32, sig: rustix::process::Signal) {
-    let pid = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw);
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw);
     if let Some(pid) = pid {
         let _ = rustix::process::kill_process(pid, sig);
     }
@@ -658,9 +664,7 @@ impl rustls::client::danger::ServerCertVerifier for DangerousAnyServerCert {
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -676,9 +680,7 @@ fn probe_tls(p: &HttpsProbe) -> Result<rustls::ClientConfig, String> {
             let pem = pki::store::read_text(ca).map_err(|e| e.to_string())?;
             let mut roots = rustls::RootCertStore::empty();
             for c in crate::tls::certs_from_pem("CA", &pem).map_err(|e| e.to_string())? {
-                roots
-                    .add(c)
-                    .map_err(|e| format!("{}: {e}", ca.display()))?;
+                roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
             }
             builder.with_root_certificates(roots)
         }

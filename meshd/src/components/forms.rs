@@ -50,10 +50,7 @@ pub fn systemd_unit(r: &Rendered, binary: &Path) -> String {
         .chain(deps.iter().cloned())
         .collect::<Vec<_>>()
         .join(" ");
-    let mut exec = format!(
-        "ExecStart={}",
-        systemd_word(&binary.to_string_lossy())
-    );
+    let mut exec = format!("ExecStart={}", systemd_word(&binary.to_string_lossy()));
     for a in &r.args {
         exec.push_str(" \\\n  ");
         exec.push_str(&systemd_word(a));
@@ -333,8 +330,13 @@ mod tests {
         let c = ctx();
         let r = render(&c, Component::KubeApiserver).unwrap();
         let u = systemd_unit(&r, Path::new("/usr/local/bin/kube-apiserver"));
-        assert!(u.contains("After=network-online.target etcd.service\n"), "{u}");
-        assert!(u.contains("ExecStart=/usr/local/bin/kube-apiserver \\\n  --advertise-address=192.0.2.10"));
+        assert!(
+            u.contains("After=network-online.target etcd.service\n"),
+            "{u}"
+        );
+        assert!(u.contains(
+            "ExecStart=/usr/local/bin/kube-apiserver \\\n  --advertise-address=192.0.2.10"
+        ));
         for a in &r.args {
             assert!(u.contains(&format!("  {a}")), "{a} missing");
         }
@@ -361,10 +363,14 @@ mod tests {
         );
         let etcd = &out[0].contents;
         assert!(etcd.contains("      path: \"/var/lib/meshd/pki\"\n      type: Directory\n"));
-        assert!(etcd.contains("      tcpSocket:\n        host: \"127.0.0.1\"\n        port: 2379\n"));
+        assert!(
+            etcd.contains("      tcpSocket:\n        host: \"127.0.0.1\"\n        port: 2379\n")
+        );
         assert!(etcd.contains("    - \"--client-cert-auth=true\"\n"));
         let kcm = &out[2].contents;
         assert!(kcm.contains("        scheme: HTTPS\n"));
-        assert!(kcm.contains("      path: \"/var/lib/meshd/controller-manager.conf\"\n      type: File\n"));
+        assert!(kcm.contains(
+            "      path: \"/var/lib/meshd/controller-manager.conf\"\n      type: File\n"
+        ));
     }
 }

@@ -135,7 +135,9 @@ pub fn rotation_targets(id: &str) -> Vec<(Component, RotationAction)> {
     match id {
         "etcd-server" | "etcd-peer" => vec![(Etcd, Reloads)],
         "etcd-ca" => vec![(Etcd, Restart), (KubeApiserver, Restart)],
-        "apiserver" | "apiserver-kubelet-client" | "apiserver-etcd-client"
+        "apiserver"
+        | "apiserver-kubelet-client"
+        | "apiserver-etcd-client"
         | "front-proxy-client" => vec![(KubeApiserver, Restart)],
         "front-proxy-ca" => vec![
             (KubeApiserver, Restart),
@@ -291,7 +293,10 @@ impl ComponentsConfig {
             ));
         }
         for (what, v) in [
-            ("container_runtime_endpoint", &self.container_runtime_endpoint),
+            (
+                "container_runtime_endpoint",
+                &self.container_runtime_endpoint,
+            ),
             ("cgroup_driver", &self.cgroup_driver),
             ("kubernetes_version", &self.kubernetes_version),
             ("etcd_image_tag", &self.etcd_image_tag),
@@ -461,7 +466,12 @@ impl RenderContext {
         std::env::split_paths(&path)
             .map(|d| d.join(c.name()))
             .find(|p| is_executable(p))
-            .ok_or_else(|| format!("{} not found on PATH and not configured in {CONFIG_FILE}", c.name()))
+            .ok_or_else(|| {
+                format!(
+                    "{} not found on PATH and not configured in {CONFIG_FILE}",
+                    c.name()
+                )
+            })
     }
 }
 

@@ -139,7 +139,6 @@ pub fn render_all(ctx: &RenderContext) -> Result<Vec<Rendered>, String> {
         .collect()
 }
 
-
 /// Renders component `c`.
 pub fn render(ctx: &RenderContext, c: Component) -> Result<Rendered, String> {
     let mut b = Builder::new(ctx, c);
@@ -276,7 +275,11 @@ fn etcd(ctx: &RenderContext, b: &mut Builder) -> Result<(), String> {
     b.file_arg("key-file", "pki/etcd/server.key", InputKind::Key);
     b.arg("client-cert-auth", "true");
     b.file_arg("trusted-ca-file", "pki/etcd/ca.crt", InputKind::Certificate);
-    b.file_arg("peer-cert-file", "pki/etcd/peer.crt", InputKind::Certificate);
+    b.file_arg(
+        "peer-cert-file",
+        "pki/etcd/peer.crt",
+        InputKind::Certificate,
+    );
     b.file_arg("peer-key-file", "pki/etcd/peer.key", InputKind::Key);
     b.arg("peer-client-cert-auth", "true");
     b.file_arg(
@@ -375,7 +378,11 @@ fn apiserver(ctx: &RenderContext, b: &mut Builder) -> Result<(), String> {
         "service-account-issuer",
         format!("https://kubernetes.default.svc.{}", s.cluster_domain),
     );
-    b.file_arg("service-account-key-file", "pki/sa.pub", InputKind::Certificate);
+    b.file_arg(
+        "service-account-key-file",
+        "pki/sa.pub",
+        InputKind::Certificate,
+    );
     b.file_arg(
         "service-account-signing-key-file",
         "pki/sa.key",
@@ -407,7 +414,11 @@ fn delegated(b: &mut Builder, kubeconfig: &str, port: u16) {
         kubeconfig,
         InputKind::Kubeconfig,
     );
-    b.file_arg("authorization-kubeconfig", kubeconfig, InputKind::Kubeconfig);
+    b.file_arg(
+        "authorization-kubeconfig",
+        kubeconfig,
+        InputKind::Kubeconfig,
+    );
     b.arg("bind-address", "127.0.0.1");
     b.arg("secure-port", port);
     b.file_arg("client-ca-file", "pki/ca.crt", InputKind::Certificate);
@@ -486,10 +497,7 @@ fn kubelet(ctx: &RenderContext, b: &mut Builder) -> Result<(), String> {
         .iter()
         .map(|ip| format!("  - {}\n", q(&ip.to_string())))
         .collect();
-    let ciphers: String = CIPHER_SUITES
-        .iter()
-        .map(|s| format!("  - {s}\n"))
-        .collect();
+    let ciphers: String = CIPHER_SUITES.iter().map(|s| format!("  - {s}\n")).collect();
     let yaml = format!(
         "# Rendered by meshd from its PKI: do not edit (meshd rewrites it).\n\
          apiVersion: kubelet.config.k8s.io/v1beta1\n\
