@@ -432,12 +432,23 @@ fn known_flags(component: &str) -> BTreeSet<String> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("data/flags")
         .join(format!("{component}.txt"));
-    read(&p)
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|l| l.trim_start_matches("--").to_string())
-        .collect()
+    let text = read(&p);
+    let mut out = BTreeSet::new();
+    for l in text.lines().map(str::trim) {
+        if l.is_empty() || l.starts_with('#') {
+            continue;
+        }
+        let (flag, source) = l.split_once('#').unwrap_or((l, ""));
+        // Every hand-listed flag says where it was seen (tests/data/flags/SOURCES.md); etcd's list
+        // is the whole output of `etcd --help`.
+        assert!(
+            component == "etcd" || !source.trim().is_empty(),
+            "{}: {flag} has no source",
+            p.display()
+        );
+        out.insert(flag.trim().trim_start_matches("--").to_string());
+    }
+    out
 }
 
 /// A YAML `key: value` of a rendered config file (meshd's own simple YAML).
