@@ -741,3 +741,83 @@ pub async fn probe(p: &HttpsProbe) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap()
+    }
+
+    async fn wait_etcd(dir: &Path, not: Option<u32>) -> ComponentStatus {
+        for _ in 0..600 {
+            if let Some(Ok(s)) = read_status(dir) {
+                if let Some(c) = s.components.iter().find(|c| c.name == "etcd") {
+                    if c.state == "running" && c.healthy == Some(true) && c.pid != not {
+                        return c.clone();
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "etcd not healthy: {:?}\n{}",
+            read_status(dir),
+            std::fs::read_to_string(dir.join("components/etcd/etcd.log")).unwrap_or_default()
+        );
+    }
+
+    /// The driver with a real etcd (Debian's etcd-server, installed by deploy/install-deps.sh):
+    /// a renewed etcd CA restarts etcd at once (not counted as a crash), a renewed serving
+    /// certificate does not touch it, and stop() ends it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn renewed_entries_restart_the_components_that_use_them() {
+        assert!(
+            std::process::Command::new("etcd")
+                .arg("--version")
+                .output()
+                .is_ok(),
+            "etcd is missing: run deploy/install-deps.sh (package etcd-server)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let mut s = crate::components::render::tests::settings();
+        s.advertise_address = "127.0.0.1".parse().unwrap();
+        crate::init::init(d, &s, &Default::default(), SystemTime::now()).unwrap();
+        let cfg = serde_json::json!({
+            "etcd_client_port": free_port(),
+            "etcd_peer_port": free_port(),
+            "supervise": ["etcd"],
+            "backoff_initial_ms": 200,
+            "probe_interval_secs": 1,
+        });
+        std::fs::write(d.join(crate::components::CONFIG_FILE), cfg.to_string()).unwrap();
+        let (tx, rx) = broadcast::channel(8);
+        let handle = start(d, Some(rx)).await.unwrap();
+        let first = wait_etcd(d, None).await;
+        tx.send(vec!["etcd-ca".to_string()]).unwrap();
+        let second = wait_etcd(d, first.pid).await;
+        assert_eq!(second.restarts, 0, "a rotation restart is not a crash");
+        assert_eq!(second.last_exit.as_deref(), Some("signal: 15 (SIGTERM)"));
+        let starts = std::fs::read_to_string(&second.log)
+            .unwrap()
+            .matches("meshd: starting etcd")
+            .count();
+        assert_eq!(starts, 2);
+        handle.stop().await;
+        let last = read_status(d).unwrap().unwrap();
+        assert_eq!(last.components[0].state, "stopped");
+        let pid = second.pid.unwrap();
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .map(|s| s.contains(") Z "))
+                    .unwrap_or(true),
+            "etcd still runs after stop()"
+        );
+    }
+}
