@@ -64,7 +64,7 @@ pub fn systemd_unit(r: &Rendered, binary: &Path) -> String {
         "# Rendered by `meshd render`: every path is in meshd's data directory, every connection is TLS.\n\
          [Unit]\n\
          Description=Kubernetes {name} (configured by meshd)\n\
-         Documentation=https://kubernetes.io/docs/reference/command-line-tools-reference/{name}/\n\
+         Documentation={doc}\n\
          Wants=network-online.target{wants}\n\
          After={after}\n\
          \n\
@@ -77,6 +77,13 @@ pub fn systemd_unit(r: &Rendered, binary: &Path) -> String {
          [Install]\n\
          WantedBy=multi-user.target\n",
         name = c.name(),
+        doc = match c {
+            Component::Etcd => "https://etcd.io/docs/v3.5/op-guide/configuration/".to_string(),
+            _ => format!(
+                "https://kubernetes.io/docs/reference/command-line-tools-reference/{}/",
+                c.name()
+            ),
+        },
         wants = if deps.is_empty() {
             String::new()
         } else {

@@ -524,7 +524,6 @@ fn kubelet(ctx: &RenderContext, b: &mut Builder) -> Result<(), String> {
          tlsCipherSuites:\n{ciphers}\
          serverTLSBootstrap: false\n\
          rotateCertificates: false\n\
-         protectKernelDefaults: false\n\
          clusterDomain: {domain}\n\
          clusterDNS:{dns_open}\n{dns}\
          staticPodPath: {spp}\n\
