@@ -442,7 +442,7 @@ fn known_flags(component: &str) -> BTreeSet<String> {
         // Every hand-listed flag says where it was seen (tests/data/flags/SOURCES.md); etcd's list
         // is the whole output of `etcd --help`.
         assert!(
-            component == "etcd" || !source.trim().is_empty(),
+            component == "etcd" || component.ends_with("-1.31") || !source.trim().is_empty(),
             "{}: {flag} has no source",
             p.display()
         );
@@ -551,11 +551,22 @@ fn rendered_units_and_static_pods_use_real_flags_existing_files_and_pass_cfg_che
         let f = flags(&args);
         // Every flag exists in the component's real flag set (tests/data/flags/, sources there).
         let known = known_flags(c);
+        // The complete v1.31 set, where one was available (tests/data/flags/SOURCES.md).
+        let v131 = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("data/flags")
+            .join(format!("{c}-1.31.txt"));
+        let full = v131.exists().then(|| known_flags(&format!("{c}-1.31")));
         for k in f.keys() {
             assert!(
                 known.contains(k),
                 "{c}: --{k} is not a flag of {c} in every targeted version"
             );
+            if let Some(full) = &full {
+                assert!(
+                    full.contains(k),
+                    "{c}: --{k} is not in {c}'s v1.31 flag set"
+                );
+            }
         }
         all.insert(c, f);
     }

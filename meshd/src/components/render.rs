@@ -12,7 +12,10 @@
 //!   `NodeRestriction` (CFG-11), the service-account key pair, the front-proxy / request-header flags;
 //! * kubelet: meshd's CA-signed serving pair (never self-signed: `tlsCertFile` is set and
 //!   `serverTLSBootstrap` off), `clientCAFile`, webhook authentication and authorization, anonymous
-//!   off, `readOnlyPort: 0` (CFG-10..12);
+//!   off, `readOnlyPort: 0` (CFG-10..12); `rotateCertificates` is left at its default (off: meshd
+//!   renews the kubelet's pairs itself), and `--hostname-override` is set although CIS 4.2.7 advises
+//!   against it, because the node name must equal the certificate's `system:node:<name>` for the
+//!   Node authorizer and NodeRestriction;
 //! * controller-manager and scheduler: bound to 127.0.0.1, their kubeconfigs, `--root-ca-file`
 //!   (CFG-13);
 //! * TLS 1.2 minimum and ECDHE + AEAD cipher suites everywhere a component serves TLS (CFG-09).
@@ -523,7 +526,6 @@ fn kubelet(ctx: &RenderContext, b: &mut Builder) -> Result<(), String> {
          tlsMinVersion: {TLS_MIN_VERSION}\n\
          tlsCipherSuites:\n{ciphers}\
          serverTLSBootstrap: false\n\
-         rotateCertificates: false\n\
          clusterDomain: {domain}\n\
          clusterDNS:{dns_open}\n{dns}\
          staticPodPath: {spp}\n\
