@@ -819,3 +819,141 @@ fn a_bad_components_json_stops_meshd_run_with_every_problem() {
     assert!(err.contains("etcd_client_port must be non-zero"), "{err}");
     assert!(err.contains("unknown component \"kubectl\""), "{err}");
 }
+
+/// Every path inside `d` that the rendered units, config files or kubeconfigs name.
+fn named_paths(d: &Path, texts: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for t in texts {
+        for w in t.split(|c: char| c.is_whitespace() || c == '"' || c == '=' || c == ',') {
+            if w.starts_with(path_str(d)) {
+                out.push(w.to_string());
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[test]
+fn a_joined_node_renders_kubelet_and_kube_proxy_from_its_own_files() {
+    let api_port = free_port().to_string();
+    let cp = init_dir("cp1", "127.0.0.1", &["--api-port", &api_port]);
+    let c = cp.path();
+    // No components.json: meshd run leaves the components alone and says so.
+    let log = c.join("run.log");
+    let mut cmd = Command::new(meshd_bin());
+    cmd.args(["run", "--no-mesh", "--data-dir", path_str(c)]);
+    let mut run = ChildGuard::spawn("meshd run", &mut cmd, &log);
+    let up = wait_for(WAIT, || {
+        if !run.alive() {
+            return Some(false);
+        }
+        read(&log)
+            .contains("meshd API listening on")
+            .then_some(true)
+    });
+    assert_eq!(up, Some(true), "meshd run did not serve:\n{}", read(&log));
+    let st: serde_json::Value = serde_json::from_str(&meshd_ok(&[
+        "status",
+        "--data-dir",
+        path_str(c),
+        "--output",
+        "json",
+    ]))
+    .expect("status json");
+    assert_eq!(st["components"]["supervised"], false, "{st}");
+    assert!(
+        st["components"]["note"]
+            .as_str()
+            .unwrap_or("")
+            .contains("components.json"),
+        "{st}"
+    );
+
+    let t: serde_json::Value = serde_json::from_str(&meshd_ok(&[
+        "token",
+        "create",
+        "--data-dir",
+        path_str(c),
+        "--output",
+        "json",
+    ]))
+    .expect("token json");
+    let node = tempfile::tempdir().expect("tempdir");
+    let n = node.path().join("node1");
+    meshd_ok(&[
+        "join",
+        "--data-dir",
+        path_str(&n),
+        "--server",
+        t["server"].as_str().expect("server"),
+        "--token",
+        t["token"].as_str().expect("token"),
+        "--ca-hash",
+        t["ca_hash"].as_str().expect("ca_hash"),
+        "--node-name",
+        "node1",
+        "--advertise-address",
+        "127.0.0.2",
+    ]);
+    let out = node.path().join("units");
+    meshd_ok(&[
+        "render",
+        "--data-dir",
+        path_str(&n),
+        "--format",
+        "systemd",
+        "--out",
+        path_str(&out),
+    ]);
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .expect("out dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, vec!["kube-proxy.service", "kubelet.service"]);
+
+    let kubelet = read(&out.join("kubelet.service"));
+    let f = flags(&unit_args(&kubelet));
+    for k in f.keys() {
+        assert!(known_flags("kubelet").contains(k), "kubelet: --{k}");
+    }
+    assert_eq!(f["node-ip"], "127.0.0.2");
+    assert_eq!(f["hostname-override"], "node1");
+    let kcfg = read(Path::new(&f["config"]));
+    let proxy = read(&out.join("kube-proxy.service"));
+    let pcfg = read(Path::new(&flags(&unit_args(&proxy))["config"]));
+    assert!(kcfg.contains("clusterDNS: []\n"), "{kcfg}");
+    assert!(pcfg.contains("hostnameOverride: \"node1\"\n"), "{pcfg}");
+    // Every file they name exists on the node, secrets 0600; the kubelet's serving certificate
+    // chains to the cluster CA the node pinned.
+    let paths = named_paths(
+        &n,
+        &[
+            kubelet,
+            kcfg.clone(),
+            proxy,
+            pcfg,
+            read(&n.join("kubelet.conf")),
+            read(&n.join("kube-proxy.conf")),
+        ],
+    );
+    assert!(paths.len() >= 8, "{paths:?}");
+    for p in &paths {
+        let m = std::fs::metadata(p).unwrap_or_else(|e| panic!("{p}: {e}"));
+        if p.ends_with(".key")
+            || p.ends_with(".pem")
+            || p.ends_with(".conf")
+            || p.ends_with(".yaml")
+        {
+            assert_eq!(m.mode() & 0o777, 0o600, "{p}");
+        }
+    }
+    let cert = yaml_value(&kcfg, "tlsCertFile").expect("tlsCertFile");
+    assert!(signed_by(Path::new(&cert), &n.join("pki/ca.crt")));
+    assert_eq!(
+        cert_der(&n.join("pki/ca.crt")),
+        cert_der(&c.join("pki/ca.crt"))
+    );
+}

@@ -78,9 +78,21 @@ pub fn render_status(s: &StatusFile) -> String {
         ));
         return out;
     }
+    let alive = Path::new(&format!("/proc/{}", s.meshd_pid)).exists();
     out.push_str(&format!(
-        " (meshd run pid {}, updated {})\n{:<24} {:<9} {:<8} {:>8} {:>8}  DETAIL / LOG\n",
-        s.meshd_pid, s.updated, "COMPONENT", "STATE", "HEALTHY", "PID", "RESTARTS"
+        " (meshd run pid {}{}, updated {})\n{:<24} {:<9} {:<8} {:>8} {:>8}  DETAIL / LOG\n",
+        s.meshd_pid,
+        if alive {
+            ""
+        } else {
+            " NOT RUNNING: the last state it recorded"
+        },
+        s.updated,
+        "COMPONENT",
+        "STATE",
+        "HEALTHY",
+        "PID",
+        "RESTARTS"
     ));
     for c in &s.components {
         let healthy = match c.healthy {
