@@ -472,6 +472,32 @@ fn yaml_list(text: &str, key: &str) -> Vec<String> {
     out
 }
 
+/// The dotted key paths of meshd's own simple YAML (two-space indentation, `- ` list items skipped).
+fn yaml_paths(text: &str) -> Vec<String> {
+    let mut stack: Vec<(usize, String)> = Vec::new();
+    let mut out = Vec::new();
+    for l in text.lines() {
+        let t = l.trim_start();
+        if t.is_empty() || t.starts_with('#') || t.starts_with("- ") {
+            continue;
+        }
+        let indent = l.len() - t.len();
+        let Some((key, _)) = t.split_once(':') else {
+            continue;
+        };
+        while stack.last().is_some_and(|(i, _)| *i >= indent) {
+            stack.pop();
+        }
+        let path = match stack.last() {
+            Some((_, p)) => format!("{p}.{key}"),
+            None => key.to_string(),
+        };
+        stack.push((indent, path.clone()));
+        out.push(path);
+    }
+    out
+}
+
 /// ECDHE key exchange and AEAD only (TLS-03 / CFG-09).
 fn cipher_ok(s: &str) -> bool {
     s.starts_with("TLS_ECDHE_") && (s.contains("_GCM_") || s.contains("CHACHA20_POLY1305"))
@@ -733,6 +759,22 @@ fn rendered_units_and_static_pods_use_real_flags_existing_files_and_pass_cfg_che
         !suites.is_empty() && suites.iter().all(|s| cipher_ok(s)),
         "CFG-09 kubelet: {suites:?}"
     );
+    // Every KubeletConfiguration field is a real one (tests/data/kubelet-config-fields.txt).
+    let fields =
+        read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("data/kubelet-config-fields.txt"));
+    let fields: BTreeSet<&str> = fields
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    let paths = yaml_paths(&kubelet_yaml);
+    assert!(paths.len() > 20, "{paths:?}");
+    for p in &paths {
+        assert!(
+            fields.contains(p.as_str()),
+            "KubeletConfiguration has no field {p}"
+        );
+    }
     // CFG-10..12: kubelet.
     assert!(
         kubelet_yaml.contains("  anonymous:\n    enabled: false\n"),
