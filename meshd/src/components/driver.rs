@@ -337,7 +337,7 @@ impl Driver {
                 self.probe_errors.remove(&c);
                 log(format!("components: {c} exited ({how})"));
                 self.sup.exited(c, now, how);
-                if let Some(Some(u)) = Some(self.sup.unit(c)) {
+                if let Some(u) = self.sup.unit(c) {
                     if let State::Backoff { until } = u.state {
                         log(format!(
                             "components: restarting {c} in {:.1}s (restart {})",
