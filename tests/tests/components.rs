@@ -759,21 +759,37 @@ fn rendered_units_and_static_pods_use_real_flags_existing_files_and_pass_cfg_che
         !suites.is_empty() && suites.iter().all(|s| cipher_ok(s)),
         "CFG-09 kubelet: {suites:?}"
     );
-    // Every KubeletConfiguration field is a real one (tests/data/kubelet-config-fields.txt).
-    let fields =
-        read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("data/kubelet-config-fields.txt"));
-    let fields: BTreeSet<&str> = fields
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .collect();
-    let paths = yaml_paths(&kubelet_yaml);
-    assert!(paths.len() > 20, "{paths:?}");
-    for p in &paths {
-        assert!(
-            fields.contains(p.as_str()),
-            "KubeletConfiguration has no field {p}"
+    // Every KubeletConfiguration and KubeProxyConfiguration field is a real one
+    // (tests/data/kubelet-config-fields.txt, tests/data/kube-proxy-config-fields.txt).
+    for (file, yaml, kind, min) in [
+        (
+            "kubelet-config-fields.txt",
+            &kubelet_yaml,
+            "KubeletConfiguration",
+            20,
+        ),
+        (
+            "kube-proxy-config-fields.txt",
+            &proxy_yaml,
+            "KubeProxyConfiguration",
+            8,
+        ),
+    ] {
+        let fields = read(
+            &Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("data")
+                .join(file),
         );
+        let fields: BTreeSet<&str> = fields
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .collect();
+        let paths = yaml_paths(yaml);
+        assert!(paths.len() > min, "{paths:?}");
+        for p in &paths {
+            assert!(fields.contains(p.as_str()), "{kind} has no field {p}");
+        }
     }
     // CFG-10..12: kubelet.
     assert!(
