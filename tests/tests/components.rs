@@ -1015,3 +1015,59 @@ fn a_joined_node_renders_kubelet_and_kube_proxy_from_its_own_files() {
         cert_der(&c.join("pki/ca.crt"))
     );
 }
+
+/// Starts `meshd run --no-mesh` on `d` with its output in `d/<log>`.
+fn start_run(d: &Path, log: &str) -> ChildGuard {
+    let mut cmd = Command::new(meshd_bin());
+    cmd.args(["run", "--no-mesh", "--data-dir", path_str(d)]);
+    ChildGuard::spawn("meshd run", &mut cmd, &d.join(log))
+}
+
+#[test]
+fn components_left_by_a_killed_meshd_are_stopped_by_the_next_one() {
+    require_tool("etcd", "etcd-server");
+    let api_port = free_port().to_string();
+    let dir = init_dir("cp1", "127.0.0.1", &["--api-port", &api_port]);
+    let d = dir.path().to_path_buf();
+    let cfg = serde_json::json!({
+        "etcd_client_port": free_port(),
+        "etcd_peer_port": free_port(),
+        "supervise": ["etcd"],
+        "backoff_initial_ms": 200,
+        "probe_interval_secs": 1,
+    });
+    std::fs::write(d.join("components.json"), cfg.to_string()).expect("components.json");
+    let mut sup = Supervised {
+        run: Some(start_run(&d, "run-1.log")),
+        dir,
+        pids: vec![],
+    };
+    let pid1 = sup.wait_healthy_etcd(None);
+    // meshd dies without a chance to stop etcd.
+    if let Some(mut g) = sup.run.take() {
+        let _ = g.child.kill();
+        let _ = g.child.wait();
+    }
+    assert!(alive(pid1), "etcd went down with meshd");
+    // The next meshd stops the leftover (it holds etcd's ports) and starts its own.
+    sup.run = Some(start_run(&d, "run-2.log"));
+    let pid2 = sup.wait_healthy_etcd(Some(pid1));
+    assert!(!alive(pid1), "the leftover etcd still runs");
+    assert!(alive(pid2));
+    let log = read(&d.join("run-2.log"));
+    assert!(
+        log.contains(&format!(
+            "etcd (pid {pid1}) of an earlier meshd run still runs"
+        )),
+        "{log}"
+    );
+    assert_eq!(
+        sup.component("etcd")["restarts"].as_u64(),
+        Some(0),
+        "{}",
+        sup.status()
+    );
+    let st = sup.stop().expect("meshd run exits");
+    assert!(st.success());
+    assert!(wait_for(Duration::from_secs(15), || (!alive(pid2)).then_some(())).is_some());
+}

@@ -179,6 +179,11 @@ pub async fn start(
         });
     };
     let ctx = RenderContext::with_config(data_dir, config)?;
+    stop_leftovers(
+        &ctx.data_dir,
+        Duration::from_secs(ctx.config.stop_grace_secs),
+    )
+    .await;
     let mut rendered = BTreeMap::new();
     let mut binaries = BTreeMap::new();
     let mut units = Vec::new();
@@ -223,6 +228,57 @@ pub async fn start(
         stop: Some(stop_tx),
         task: Some(task),
     })
+}
+
+/// Whether process `pid` runs (a zombie does not).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+/// Stops the components an earlier `meshd run` of this data directory left running (it was killed
+/// with SIGKILL, so it could not stop them): they hold the ports the new ones need. A process counts
+/// as one only if the status file recorded its pid and its command line runs the recorded binary
+/// with arguments inside this data directory; anything else with a reused pid is left alone.
+async fn stop_leftovers(data_dir: &Path, grace: Duration) {
+    let Some(Ok(prev)) = read_status(data_dir) else {
+        return;
+    };
+    let dir = data_dir.to_string_lossy().into_owned();
+    for c in prev.components {
+        let (Some(pid), Some(binary)) = (c.pid, c.binary.as_deref()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let ours = args.first().map(String::as_str) == Some(binary)
+            && args.iter().skip(1).any(|a| a.contains(&dir));
+        if !ours || !running(pid) {
+            continue;
+        }
+        log(format!(
+            "components: {} (pid {pid}) of an earlier meshd run still runs: stopping it",
+            c.name
+        ));
+        signal(pid, rustix::process::Signal::TERM);
+        let deadline = tokio::time::Instant::now() + grace;
+        while running(pid) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if running(pid) {
+            signal(pid, rustix::process::Signal::KILL);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while running(pid) && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
