@@ -632,6 +632,9 @@ fn rendered_units_and_static_pods_use_real_flags_existing_files_and_pass_cfg_che
         }
     }
     let etcd_data = all["etcd"]["data-dir"].clone();
+    let m = std::fs::metadata(&etcd_data).expect("render makes etcd's data directory");
+    assert!(m.is_dir());
+    assert_eq!(m.mode() & 0o777, 0o700, "etcd's data directory");
     paths.retain(|p| *p != etcd_data);
     paths.sort();
     paths.dedup();

@@ -286,8 +286,9 @@ pub struct RenderReport {
 
 /// `meshd render`: renders every component of the node in `data_dir` as `form` into `out`, and
 /// writes the components' config files (KubeletConfiguration, KubeProxyConfiguration) into the data
-/// directory, where the rendered command lines point. Binaries in systemd units: the configured
-/// path, else the one on `PATH`, else `/usr/local/bin/<name>`.
+/// directory, where the rendered command lines point, and makes etcd's data directory (0700).
+/// Binaries in systemd units: the configured path, else the one on `PATH`, else
+/// `/usr/local/bin/<name>`.
 pub fn render_to(data_dir: &Path, form: Form, out: &Path) -> anyhow::Result<RenderReport> {
     use anyhow::Context;
     let ctx = RenderContext::load(data_dir)?;
@@ -304,6 +305,11 @@ pub fn render_to(data_dir: &Path, form: Form, out: &Path) -> anyhow::Result<Rend
             }
             pki::store::write_atomic(&f.path, f.contents.as_bytes(), f.mode)?;
             config_files.push(f.path.clone());
+        }
+        // etcd's data directory, 0700 as etcd 3.5 requires (a hostPath DirectoryOrCreate would
+        // make it 0755).
+        for d in &r.state_dirs {
+            pki::store::ensure_dir(d)?;
         }
     }
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
