@@ -82,8 +82,25 @@ pub enum Command {
     /// Registered nodes.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Render the Kubernetes components' configuration (TLS everywhere, from meshd's PKI) as systemd
+    /// units or static pod manifests into --out; their config files go into the data directory.
+    Render {
+        #[command(flatten)]
+        /// Data directory.
+        dir: DataDir,
+        /// The form.
+        #[arg(long, value_enum)]
+        format: crate::components::forms::Form,
+        /// Where to write the units or manifests.
+        #[arg(long)]
+        out: PathBuf,
+        /// Output format of the report.
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
     /// This node's mesh: registered nodes and subnets, and the WireGuard peers with their latest
-    /// handshake and transfer counters.
+    /// handshake and transfer counters; the Kubernetes components `meshd run` supervises, with
+    /// their logs.
     Status {
         #[command(flatten)]
         /// Data directory.
@@ -364,6 +381,23 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         }
+        Command::Render {
+            dir,
+            format,
+            out,
+            output,
+        } => {
+            let r = crate::components::forms::render_to(&dir.data_dir, format, &out)?;
+            match output {
+                OutputFormat::Json => out!("{}", serde_json::to_string_pretty(&r)?),
+                OutputFormat::Table => {
+                    for p in r.written.iter().chain(&r.config_files) {
+                        out!("wrote {}", p.display());
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         other => run_async(other),
     }
 }
@@ -471,13 +505,33 @@ fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
                 out!("node {name} removed; its subnet is released");
             }
             Command::Status { dir, wg_interface, output } => {
-                let st = crate::status::status(&dir.data_dir, &wg_interface).await?;
+                // The components' part is local (the status file `meshd run` keeps): shown even
+                // when the API does not answer.
+                let comps = crate::components::driver::read_status(&dir.data_dir).transpose().map_err(anyhow::Error::msg)?;
+                let st = crate::status::status(&dir.data_dir, &wg_interface).await;
                 match output {
-                    OutputFormat::Json => out!("{}", serde_json::to_string_pretty(&st)?),
-                    OutputFormat::Table => out_raw!("{}", crate::status::render(&st)),
+                    OutputFormat::Json => {
+                        let mut v = match &st {
+                            Ok(st) => serde_json::to_value(st)?,
+                            Err(_) => serde_json::json!({}),
+                        };
+                        v["components"] = serde_json::to_value(&comps)?;
+                        if st.is_ok() || comps.is_some() {
+                            out!("{}", serde_json::to_string_pretty(&v)?);
+                        }
+                    }
+                    OutputFormat::Table => {
+                        if let Ok(st) = &st {
+                            out_raw!("{}", crate::status::render(st));
+                        }
+                        if let Some(c) = &comps {
+                            out_raw!("{}", crate::components::driver::render_status(c));
+                        }
+                    }
                 }
+                st?;
             }
-            Command::Init(_) | Command::Certs(_) => anyhow::bail!("internal error: not an async command"),
+            Command::Init(_) | Command::Certs(_) | Command::Render { .. } => anyhow::bail!("internal error: not an async command"),
         }
         Ok(ExitCode::SUCCESS)
     })

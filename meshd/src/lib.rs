@@ -6,6 +6,8 @@
 //! * [`material`]: reading what the data directory holds for each inventory entry.
 //! * [`init`]: `meshd init`, creating or completing a control-plane inventory.
 //! * [`certs`]: `meshd certs check`.
+//! * [`components`]: the Kubernetes components: rendering with TLS everywhere, systemd units and
+//!   static pods (`meshd render`), and their supervision by `meshd run`.
 //!
 //! The binary (`main.rs`) only wires these together; the PKI itself lives in the `pki` crate.
 #![forbid(unsafe_code)]
@@ -14,6 +16,7 @@
 pub mod api;
 pub mod certs;
 pub mod cli;
+pub mod components;
 pub mod init;
 pub mod join;
 pub mod leases;

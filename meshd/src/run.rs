@@ -197,8 +197,12 @@ pub async fn run_control_plane(
     let (_tls_tx, tls_rx) = watch::channel(tls);
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(server::serve(listener, tls_rx, state, stop_rx));
+    // The Kubernetes components (when components.json asks for them). The rotation branch passes
+    // its renewed-entry broadcast here.
+    let components = crate::components::start(data_dir, None).await?;
     shutdown.await;
     log("shutting down");
+    components.stop().await;
     let _ = stop_tx.send(true);
     let _ = server.await;
     renewer.abort();
@@ -257,6 +261,7 @@ pub async fn run_node(
         "node {name}: running; subnet lease renewed every {}h",
         LEASE_RENEW_EVERY.as_secs() / 3600
     ));
+    let components = crate::components::start(data_dir, None).await?;
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_secs(5);
     loop {
@@ -299,6 +304,7 @@ pub async fn run_node(
         }
     }
     log(format!("node {name}: shutting down"));
+    components.stop().await;
     if let Some(t) = mesh_task {
         t.abort();
         let _ = t.await;
