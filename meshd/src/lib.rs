@@ -6,6 +6,7 @@
 //! * [`material`]: reading what the data directory holds for each inventory entry.
 //! * [`init`]: `meshd init`, creating or completing a control-plane inventory.
 //! * [`certs`]: `meshd certs check`.
+//! * [`rotate`]: certificate rotation (`meshd rotate` and the daemon's planner).
 //!
 //! The binary (`main.rs`) only wires these together; the PKI itself lives in the `pki` crate.
 #![forbid(unsafe_code)]
@@ -20,6 +21,7 @@ pub mod leases;
 pub mod material;
 pub mod mesh;
 pub mod registry;
+pub mod rotate;
 pub mod run;
 pub mod settings;
 pub mod status;
