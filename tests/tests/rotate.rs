@@ -668,3 +668,185 @@ fn overlapping_runs_lock_and_dry_run_changes_nothing() {
     assert!(la.is_empty() || lb.is_empty(), "{la}\n---\n{lb}");
     meshd_ok(&["certs", "check", "--data-dir", &d]);
 }
+
+/// The meshd identity pair of a node (`pki/meshd/node.{crt,key}`), as it is now.
+fn node_identity(dir: &Path) -> (String, String) {
+    (
+        read(&dir.join("pki/meshd/node.crt")),
+        read(&dir.join("pki/meshd/node.key")),
+    )
+}
+
+#[test]
+fn a_joined_node_renews_through_the_api_with_its_current_identity() {
+    let root = tempdir("meshd-rotate-node-");
+    let cp = root.path().join("cp");
+    let port = free_port();
+    init_30s(&cp, port);
+    let cp_log = root.path().join("cp-run.log");
+    let _cp_run = start_run(&cp, &cp_log);
+    let t: serde_json::Value = serde_json::from_str(&meshd_ok(&[
+        "token",
+        "create",
+        "--data-dir",
+        path_str(&cp),
+        "--output",
+        "json",
+    ]))
+    .expect("token json");
+    let node = root.path().join("n1");
+    let n = path_str(&node).to_owned();
+    meshd_ok(&[
+        "join",
+        "--data-dir",
+        &n,
+        "--server",
+        &format!("127.0.0.1:{port}"),
+        "--token",
+        t["token"].as_str().expect("token"),
+        "--ca-hash",
+        t["ca_hash"].as_str().expect("ca_hash"),
+        "--node-name",
+        "n1",
+        "--advertise-address",
+        "127.0.0.2",
+        "--output",
+        "json",
+    ]);
+
+    // Just joined: nothing due, nothing said.
+    let out = meshd(&["rotate", "--data-dir", &n]);
+    assert!(
+        out.status.success() && out.stdout.is_empty(),
+        "{}",
+        describe(&out)
+    );
+
+    // Forcing one entry renews the node's whole bundle (the control plane signs the four together
+    // and registers the new identity key).
+    let old = node_identity(&node);
+    let out = meshd(&[
+        "rotate",
+        "--data-dir",
+        &n,
+        "--force",
+        "kubelet-serving",
+        "--output",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("report json");
+    let results: BTreeMap<String, String> = r["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| {
+            (
+                e["id"].as_str().expect("id").to_owned(),
+                e["result"].as_str().expect("result").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(results.len(), 4, "{r}");
+    assert!(results.values().all(|v| v == "renewed"), "{r}");
+    let new = node_identity(&node);
+    assert_ne!(new.0, old.0);
+    meshd_ok(&["certs", "check", "--data-dir", &n]);
+    // Checked independently: the new identity chains to the cluster CA.
+    let out = run(Command::new("openssl").args([
+        "verify",
+        "-CAfile",
+        path_str(&node.join("pki/ca.crt")),
+        path_str(&node.join("pki/meshd/node.crt")),
+    ]));
+    assert!(out.status.success(), "{}", describe(&out));
+
+    // The old identity no longer speaks for the node; the new one does.
+    let rt = runtime();
+    let ca = read(&node.join("pki/ca.crt"));
+    let call = |cert: &str, key: &str| {
+        let tls = meshd::tls::client_config(&ca, cert, key).expect("tls");
+        let c =
+            meshd::api::client::ApiClient::new(&format!("127.0.0.1:{port}"), tls).expect("client");
+        rt.block_on(c.call::<Vec<serde_json::Value>>(hyper::Method::GET, "/v1/nodes", None::<&()>))
+    };
+    match call(&old.0, &old.1) {
+        Err(meshd::api::client::ClientError::Status { status, .. }) => assert_eq!(status, 401),
+        other => panic!("the old identity was not refused: {other:?}"),
+    }
+    assert!(call(&new.0, &new.1).is_ok());
+
+    // The node's daemon renews on its own (30-second leaves), each time authenticated by the
+    // identity the previous renewal gave it.
+    let n_log = root.path().join("n1-run.log");
+    let mut n_run = ChildGuard::spawn(
+        "meshd run (node)",
+        Command::new(meshd_bin()).args(["run", "--no-mesh", "--data-dir", &n]),
+        &n_log,
+    );
+    let twice = wait_for(Duration::from_secs(90), || {
+        (count(&read(&n_log), "renewed meshd-node:") >= 2).then_some(())
+    });
+    assert!(
+        twice.is_some(),
+        "node log:\n{}\ncontrol plane log:\n{}",
+        read(&n_log),
+        read(&cp_log)
+    );
+    assert!(n_run.alive(), "{}", read(&n_log));
+    assert!(!read(&n_log).contains("FAILED"), "{}", read(&n_log));
+    n_run.child.kill().expect("kill");
+    let _ = n_run.child.wait();
+    meshd_ok(&["certs", "check", "--data-dir", &n]);
+}
+
+#[test]
+fn hooks_run_after_their_entry_renewed_and_their_failures_are_reported() {
+    let root = tempdir("meshd-rotate-hooks-");
+    let dir = root.path().join("cp");
+    init_30s(&dir, free_port());
+    let d = path_str(&dir).to_owned();
+    let mark = root.path().join("hook.out");
+    let mut cfg = meshd::settings::require_config(&dir).expect("meshd.json");
+    cfg.hooks.insert(
+        "apiserver".into(),
+        format!("echo \"$MESHD_RENEWED\" >> {}", path_str(&mark)),
+    );
+    cfg.hooks.insert(
+        "etcd-server".into(),
+        "echo reload refused >&2; exit 7".into(),
+    );
+    meshd::settings::save_config(&dir, &cfg).expect("save");
+    // A re-run of init keeps the operator's hooks.
+    init_30s(&dir, cfg.cluster.as_ref().expect("cluster").api_port);
+    assert_eq!(
+        meshd::settings::require_config(&dir)
+            .expect("meshd.json")
+            .hooks,
+        cfg.hooks
+    );
+
+    // Only the entries that renewed run their hook; a failing hook gives exit 4 and is named.
+    let out = meshd(&["rotate", "--data-dir", &d, "--force", "apiserver"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(read(&mark), "apiserver\n");
+    let out = meshd(&[
+        "rotate",
+        "--data-dir",
+        &d,
+        "--force",
+        "apiserver,etcd-server",
+    ]);
+    assert_eq!(out.status.code(), Some(4), "{}", describe(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("hook of etcd-server failed") && text.contains("reload refused"),
+        "{text}"
+    );
+    assert_eq!(read(&mark), "apiserver\napiserver\n");
+    // The renewal itself stands.
+    meshd_ok(&["certs", "check", "--data-dir", &d]);
+    // --dry-run runs no hook.
+    meshd_ok(&["rotate", "--data-dir", &d, "--force", "all", "--dry-run"]);
+    assert_eq!(read(&mark), "apiserver\napiserver\n");
+}
