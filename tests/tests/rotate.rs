@@ -749,8 +749,21 @@ fn a_joined_node_renews_through_the_api_with_its_current_identity() {
         .collect();
     assert_eq!(results.len(), 4, "{r}");
     assert!(results.values().all(|v| v == "renewed"), "{r}");
+    let first = node_identity(&node);
+    assert_ne!(first.0, old.0);
+    meshd_ok(&["certs", "check", "--data-dir", &n]);
+
+    // Once more, due or not (`all`): authenticated by the identity the last renewal gave it.
+    let out = meshd(&["rotate", "--data-dir", &n, "--force", "all"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .matches("renewed ")
+            .count(),
+        4
+    );
     let new = node_identity(&node);
-    assert_ne!(new.0, old.0);
+    assert!(new.0 != old.0 && new.0 != first.0);
     meshd_ok(&["certs", "check", "--data-dir", &n]);
     // Checked independently: the new identity chains to the cluster CA.
     let out = run(Command::new("openssl").args([
@@ -770,9 +783,13 @@ fn a_joined_node_renews_through_the_api_with_its_current_identity() {
             meshd::api::client::ApiClient::new(&format!("127.0.0.1:{port}"), tls).expect("client");
         rt.block_on(c.call::<Vec<serde_json::Value>>(hyper::Method::GET, "/v1/nodes", None::<&()>))
     };
-    match call(&old.0, &old.1) {
-        Err(meshd::api::client::ClientError::Status { status, .. }) => assert_eq!(status, 401),
-        other => panic!("the old identity was not refused: {other:?}"),
+    for (what, pair) in [("old", &old), ("first renewal", &first)] {
+        match call(&pair.0, &pair.1) {
+            Err(meshd::api::client::ClientError::Status { status, .. }) => {
+                assert_eq!(status, 401, "{what}")
+            }
+            other => panic!("the {what} identity was not refused: {other:?}"),
+        }
     }
     assert!(call(&new.0, &new.1).is_ok());
 
