@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use pki::inventory::{self, CaId, ClusterSettings, Entry};
-use pki::renewal::{self, RenewalPolicy};
 use serde::Serialize;
 
 use crate::material::{self, Found};
@@ -130,13 +129,8 @@ fn fill(
     row.serial = Some(a.info.serial.clone());
     row.key_algorithm = Some(a.info.key.algorithm.clone());
     if !row.is_ca {
-        let plan = renewal::plan_renewal(
-            a.info.not_before,
-            a.info.not_after,
-            now,
-            &RenewalPolicy::default(),
-            renewal::jitter_from_serial(&a.info.serial),
-        );
+        // The same renewal point as `meshd rotate` and the daemon.
+        let plan = crate::rotate::plan(a.info.not_before, a.info.not_after, &a.info.serial, now);
         row.renew_at = Some(pki::time::rfc3339(plan.renew_at));
     }
     for p in &a.problems {

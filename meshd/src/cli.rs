@@ -73,6 +73,12 @@ pub enum Command {
     Certs(CertsCommand),
     /// Run the daemon. On the control plane: serve the meshd API (joins, renewals, tokens).
     Run(RunArgs),
+    /// Renew every certificate past its renewal point (about 2/3 of its lifetime), once: locally with
+    /// the CA on a control plane, through the meshd API on a node. Cron-friendly: quiet when nothing
+    /// is due, one line per renewed certificate. Exit codes: 0 nothing due or all renewed; 1 a renewal
+    /// failed; 2 usage error; 3 lock not obtained in time, or the data directory cannot be read
+    /// (nothing done); 4 renewed, but a hook failed.
+    Rotate(RotateArgs),
     /// Bootstrap tokens for `meshd join` (talks to the local `meshd run` with the admin certificate).
     #[command(subcommand)]
     Token(TokenCommand),
@@ -156,6 +162,26 @@ pub struct RunArgs {
     /// Run without the WireGuard mesh (API and leases only).
     #[arg(long)]
     pub no_mesh: bool,
+}
+
+/// `meshd rotate` options.
+#[derive(Debug, Args)]
+pub struct RotateArgs {
+    #[command(flatten)]
+    /// Data directory.
+    pub dir: DataDir,
+    /// Show what would be renewed; change nothing, run no hook.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Renew these entries (comma-separated ids, e.g. `apiserver,etcd-server`) or `all`, due or not.
+    #[arg(long, value_name = "NAME|all")]
+    pub force: Option<String>,
+    /// How long to wait for another meshd holding the data directory's lock (exit 3 after that).
+    #[arg(long, default_value = "60s")]
+    pub lock_timeout: String,
+    /// Output format (`json`: the whole report, every entry).
+    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
 }
 
 /// `meshd token ...`
@@ -531,10 +557,46 @@ fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
                 }
                 st?;
             }
+            Command::Rotate(a) => return rotate_command(a).await,
             Command::Init(_) | Command::Certs(_) | Command::Render { .. } => anyhow::bail!("internal error: not an async command"),
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// `meshd rotate`: the exit code is the report's (see [`crate::rotate`]); errors print to stderr.
+async fn rotate_command(a: RotateArgs) -> anyhow::Result<ExitCode> {
+    use crate::rotate;
+    let lock_timeout = match pki::time::parse_duration(&a.lock_timeout) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: --lock-timeout: {e}");
+            return Ok(ExitCode::from(rotate::EXIT_USAGE));
+        }
+    };
+    let opts = rotate::Options {
+        force: rotate::Force::parse(a.force.as_deref()),
+        dry_run: a.dry_run,
+        lock_timeout,
+        run_hooks: true,
+    };
+    match rotate::rotate(&a.dir.data_dir, &opts).await {
+        Ok(report) => {
+            match a.output {
+                OutputFormat::Json => out!("{}", serde_json::to_string_pretty(&report)?),
+                OutputFormat::Table => {
+                    for line in report.summary_lines() {
+                        out!("{line}");
+                    }
+                }
+            }
+            Ok(ExitCode::from(report.exit_code()))
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(e.exit_code()))
+        }
+    }
 }
 
 fn render_init(r: &crate::init::InitReport) -> String {

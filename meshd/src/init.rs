@@ -222,6 +222,8 @@ pub fn init(
         cluster: Some(s.clone()),
         store: store_cfg,
         joined: None,
+        // Rotation hooks are the operator's: a re-run keeps them.
+        hooks: prev.as_ref().map(|p| p.hooks.clone()).unwrap_or_default(),
     };
     if prev.as_ref() != Some(&cfg) {
         settings::save_config(&data_dir, &cfg)?;
@@ -797,6 +799,7 @@ mod tests {
                 prefix: overlay::DEFAULT_PREFIX.to_string(),
             },
             joined: None,
+            hooks: Default::default(),
         }
     }
 

@@ -243,6 +243,7 @@ pub async fn join(o: &JoinOptions) -> anyhow::Result<JoinSummary> {
                 apiserver_url: resp.apiserver_url.clone(),
                 cluster_name: resp.cluster_name.clone(),
             }),
+            hooks: Default::default(),
         },
     )?;
     files.push(settings::path(&data_dir));

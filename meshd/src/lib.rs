@@ -6,6 +6,7 @@
 //! * [`material`]: reading what the data directory holds for each inventory entry.
 //! * [`init`]: `meshd init`, creating or completing a control-plane inventory.
 //! * [`certs`]: `meshd certs check`.
+//! * [`rotate`]: certificate rotation (`meshd rotate` and the daemon's planner).
 //! * [`components`]: the Kubernetes components: rendering with TLS everywhere, systemd units and
 //!   static pods (`meshd render`), and their supervision by `meshd run`.
 //!
@@ -23,6 +24,7 @@ pub mod leases;
 pub mod material;
 pub mod mesh;
 pub mod registry;
+pub mod rotate;
 pub mod run;
 pub mod settings;
 pub mod status;

@@ -194,17 +194,33 @@ pub async fn run_control_plane(
             }
         }
     });
-    let (_tls_tx, tls_rx) = watch::channel(tls);
+    let (tls_tx, tls_rx) = watch::channel(tls);
     let (stop_tx, stop_rx) = watch::channel(false);
+    // Rotation: the planner renews what is due and publishes the renewed entry ids; the API listener
+    // reloads its certificate from them (subscribe to `rotation` for other consumers).
+    let (rotation, _) = tokio::sync::broadcast::channel(16);
+    let reloader = tokio::spawn(crate::rotate::reload_api_listener(
+        data_dir.to_path_buf(),
+        state.ca.cert_pem().to_owned(),
+        rotation.subscribe(),
+        tls_tx,
+    ));
+    let rotator = tokio::spawn(crate::rotate::daemon(
+        data_dir.to_path_buf(),
+        rotation.clone(),
+        stop_rx.clone(),
+    ));
     let server = tokio::spawn(server::serve(listener, tls_rx, state, stop_rx));
-    // The Kubernetes components (when components.json asks for them). The rotation branch passes
-    // its renewed-entry broadcast here.
-    let components = crate::components::start(data_dir, None).await?;
+    // The Kubernetes components (when components.json asks for them), restarted or left alone
+    // after their certificates renew, as each reloads.
+    let components = crate::components::start(data_dir, Some(rotation.subscribe())).await?;
     shutdown.await;
     log("shutting down");
     components.stop().await;
     let _ = stop_tx.send(true);
     let _ = server.await;
+    let _ = rotator.await;
+    reloader.abort();
     renewer.abort();
     if let Some(t) = mesh_task {
         t.abort();
@@ -227,7 +243,9 @@ pub async fn run_node(
 ) -> anyhow::Result<()> {
     use std::time::Duration;
     let mut cfg = settings::require_config(data_dir)?;
-    let client = crate::join::node_client(data_dir)?;
+    // Checked once here; every call makes a new client with the identity certificate live at that
+    // moment, so a renewed certificate is used from the next connection on.
+    crate::join::node_client(data_dir)?;
     let name = cfg
         .joined
         .as_ref()
@@ -252,7 +270,7 @@ pub async fn run_node(
             let server_ip = server_ip(&j.server)?;
             let m = Mesh::start(opts, key, &me, j.network.network, server_ip)?;
             let (tx, rx) = tokio::sync::mpsc::channel(64);
-            tokio::spawn(stream_peers(client.clone(), tx));
+            tokio::spawn(stream_peers(data_dir.to_path_buf(), tx));
             Some(tokio::spawn(follow(m, rx)))
         }
         _ => None,
@@ -261,7 +279,14 @@ pub async fn run_node(
         "node {name}: running; subnet lease renewed every {}h",
         LEASE_RENEW_EVERY.as_secs() / 3600
     ));
-    let components = crate::components::start(data_dir, None).await?;
+    let (rotation, _) = tokio::sync::broadcast::channel(16);
+    let components = crate::components::start(data_dir, Some(rotation.subscribe())).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let rotator = tokio::spawn(crate::rotate::daemon(
+        data_dir.to_path_buf(),
+        rotation,
+        stop_rx,
+    ));
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_secs(5);
     loop {
@@ -269,14 +294,18 @@ pub async fn run_node(
             bail!("meshd.json: a node without its join record");
         };
         let req = crate::api::RenewLeaseRequest { subnet: j.subnet };
-        let wait = match client
-            .call::<crate::api::RenewLeaseResponse>(
-                hyper::Method::POST,
-                "/v1/lease/renew",
-                Some(&req),
-            )
-            .await
-        {
+        let call = async {
+            crate::join::node_client(data_dir)
+                .map_err(|e| format!("{e:#}"))?
+                .call::<crate::api::RenewLeaseResponse>(
+                    hyper::Method::POST,
+                    "/v1/lease/renew",
+                    Some(&req),
+                )
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let wait = match call.await {
             Ok(r) => {
                 backoff = Duration::from_secs(5);
                 if r.subnet != j.subnet {
@@ -304,6 +333,8 @@ pub async fn run_node(
         }
     }
     log(format!("node {name}: shutting down"));
+    let _ = stop_tx.send(true);
+    let _ = rotator.await;
     components.stop().await;
     if let Some(t) = mesh_task {
         t.abort();
@@ -336,13 +367,18 @@ async fn follow(mut mesh: Mesh, mut rx: tokio::sync::mpsc::Receiver<crate::api::
 /// peers stay as they are while the control plane is unreachable: a broken watch never removes a
 /// peer.
 async fn stream_peers(
-    client: crate::api::client::ApiClient,
+    data_dir: std::path::PathBuf,
     tx: tokio::sync::mpsc::Sender<crate::api::PeerEvent>,
 ) {
     use std::time::Duration;
     let mut backoff = Duration::from_millis(500);
     loop {
-        match client.watch_peers().await {
+        // A new client per connection: the identity certificate live now (it may have been renewed).
+        let watch = match crate::join::node_client(&data_dir) {
+            Ok(client) => client.watch_peers().await,
+            Err(e) => Err(crate::api::client::ClientError::Other(format!("{e:#}"))),
+        };
+        match watch {
             Ok(mut rx) => {
                 backoff = Duration::from_millis(500);
                 while let Some(ev) = rx.recv().await {

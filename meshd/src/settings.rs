@@ -100,6 +100,10 @@ pub struct MeshdConfig {
     /// What a joined node got.
     #[serde(default)]
     pub joined: Option<JoinedNode>,
+    /// Commands run after an inventory entry renewed (`meshd rotate` and the daemon), by entry id:
+    /// `{"apiserver": "systemctl restart kube-apiserver"}`. Run with `sh -c`; see `rotate`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub hooks: std::collections::BTreeMap<String, String>,
 }
 
 /// Errors reading or writing the settings.
