@@ -82,6 +82,9 @@ pub enum Command {
     /// Registered nodes.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Helpers for the crash tests (hidden).
+    #[command(subcommand, hide = true)]
+    Debug(DebugCommand),
     /// This node's mesh: registered nodes and subnets, and the WireGuard peers with their latest
     /// handshake and transfer counters.
     Status {
@@ -235,6 +238,28 @@ pub struct JoinArgs {
     pub output: OutputFormat,
 }
 
+/// `meshd debug ...` (hidden; see `crate::debug`).
+#[derive(Debug, Subcommand)]
+pub enum DebugCommand {
+    /// Re-issue every control-plane leaf through the pair store, as a rotation does.
+    ReissueAll {
+        #[command(flatten)]
+        /// Data directory.
+        dir: DataDir,
+    },
+    /// Run the start-up recovery alone; exits 1 when an entry is left without a valid pair.
+    Recover {
+        #[command(flatten)]
+        /// Data directory.
+        dir: DataDir,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
+    /// Whether this build has failpoints, and their names (JSON).
+    Failpoints,
+}
+
 /// `meshd certs ...`
 #[derive(Debug, Subcommand)]
 pub enum CertsCommand {
@@ -364,8 +389,46 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         }
+        Command::Debug(cmd) => run_debug(cmd),
         other => run_async(other),
     }
+}
+
+fn run_debug(cmd: DebugCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        DebugCommand::ReissueAll { dir } => {
+            for r in crate::debug::reissue_all(&dir.data_dir, SystemTime::now())? {
+                out!(
+                    "reissued {} (version {:?}, serial {})",
+                    r.id,
+                    r.version,
+                    r.serial
+                );
+            }
+        }
+        DebugCommand::Recover { dir, output } => {
+            let rs = crate::recover::recover_locked(&dir.data_dir)?;
+            match output {
+                OutputFormat::Json => out!("{}", serde_json::to_string_pretty(&rs)?),
+                OutputFormat::Table => {
+                    for r in &rs {
+                        out!("{r}");
+                    }
+                }
+            }
+            if rs.iter().any(|r| r.is_failure()) {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        DebugCommand::Failpoints => out!(
+            "{}",
+            serde_json::json!({
+                "enabled": pki::failpoints::ENABLED,
+                "failpoints": pki::failpoints::ALL,
+            })
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -477,7 +540,7 @@ fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
                     OutputFormat::Table => out_raw!("{}", crate::status::render(&st)),
                 }
             }
-            Command::Init(_) | Command::Certs(_) => anyhow::bail!("internal error: not an async command"),
+            Command::Init(_) | Command::Certs(_) | Command::Debug(_) => anyhow::bail!("internal error: not an async command"),
         }
         Ok(ExitCode::SUCCESS)
     })

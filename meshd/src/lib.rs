@@ -6,6 +6,7 @@
 //! * [`material`]: reading what the data directory holds for each inventory entry.
 //! * [`init`]: `meshd init`, creating or completing a control-plane inventory.
 //! * [`certs`]: `meshd certs check`.
+//! * [`recover`]: the start-up check of the pair store after a crash (falls back to the previous pair).
 //!
 //! The binary (`main.rs`) only wires these together; the PKI itself lives in the `pki` crate.
 #![forbid(unsafe_code)]
@@ -14,11 +15,13 @@
 pub mod api;
 pub mod certs;
 pub mod cli;
+pub mod debug;
 pub mod init;
 pub mod join;
 pub mod leases;
 pub mod material;
 pub mod mesh;
+pub mod recover;
 pub mod registry;
 pub mod run;
 pub mod settings;

@@ -9,6 +9,7 @@
 //! * [`kubeconfig`]: kubeconfig rendering.
 //! * [`inventory`]: the rows of the Kubernetes certificate inventory, in kubeadm's layout.
 //! * [`store`]: the atomic file store (the only module that touches the file system).
+//! * [`failpoints`]: named crash points in every write of the store (`failpoints` feature, tests only).
 //! * [`time`]: RFC 3339 and duration helpers.
 //!
 //! One crypto provider, *ring*, serves rcgen, x509-parser's signature checks and (in the binaries)
@@ -19,6 +20,7 @@
 pub mod ca;
 pub mod csr;
 pub mod error;
+pub mod failpoints;
 pub mod inspect;
 pub mod inventory;
 pub mod keys;
