@@ -22,9 +22,9 @@
 
 use std::path::{Path, PathBuf};
 
-use pki::inventory::{self, CaId};
+use pki::inventory::{self, CaId, Output};
 use pki::keys::PrivateKey;
-use pki::store::{self, PairStore};
+use pki::store::{self, PairLinks, PairStore, PublicPath};
 use serde::Serialize;
 
 use crate::settings::{self, Role};
@@ -63,6 +63,15 @@ pub enum Recovery {
         /// What was wrong with the old one.
         reason: String,
     },
+    /// Public paths of `id` (links through `current`) that were missing were made again (a crash
+    /// before a link was made, or a link removed by hand). Only missing paths are made: a file or
+    /// another link in the way is never replaced.
+    RestoredLinks {
+        /// Store entry.
+        id: String,
+        /// The paths made.
+        paths: Vec<PathBuf>,
+    },
     /// The live pair of `id` is not valid and no other version is: nothing was changed (run
     /// `meshd init` on a control plane to reissue it, or `meshd join --rejoin` on a node).
     NoValidPair {
@@ -99,6 +108,15 @@ impl std::fmt::Display for Recovery {
                 from.map(|v| v.to_string())
                     .unwrap_or_else(|| "none".into())
             ),
+            Recovery::RestoredLinks { id, paths } => write!(
+                f,
+                "{id}: restored the missing link(s) {}",
+                paths
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
             Recovery::NoValidPair { id, reason } => write!(
                 f,
                 "{id}: no valid pair ({reason}) and no valid earlier version; left as is"
@@ -118,11 +136,11 @@ enum Signer {
     Any,
 }
 
-/// The signer of each entry the settings know of.
-fn signers(data_dir: &Path) -> Vec<(String, Signer)> {
-    let mut out: Vec<(String, Signer)> = CaId::ALL
+/// The signer and public paths of each entry the settings know of.
+fn signers(data_dir: &Path) -> Vec<(String, Signer, Option<PairLinks>)> {
+    let mut out: Vec<(String, Signer, Option<PairLinks>)> = CaId::ALL
         .iter()
-        .map(|c| (c.name().to_owned(), Signer::SelfSigned))
+        .map(|c| (c.name().to_owned(), Signer::SelfSigned, Some(c.links())))
         .collect();
     // A corrupt meshd.json is reported by the command itself; recovery checks chains against
     // every CA then.
@@ -134,11 +152,18 @@ fn signers(data_dir: &Path) -> Vec<(String, Signer)> {
         (Role::Node, _, Some(j)) => inventory::node_entries(&j.name, &j.addresses),
         _ => Vec::new(),
     };
-    out.extend(
-        entries
-            .into_iter()
-            .map(|e| (e.id.to_owned(), Signer::Ca(e.signer))),
-    );
+    out.extend(entries.into_iter().map(|e| {
+        let links = match e.output {
+            Output::Pair(l) => Some(l),
+            Output::Kubeconfig {
+                embed: false,
+                links,
+                ..
+            } => Some(links),
+            Output::Kubeconfig { embed: true, .. } => None,
+        };
+        (e.id.to_owned(), Signer::Ca(e.signer), links)
+    }));
     out
 }
 
@@ -266,6 +291,37 @@ fn recover_entry(
     Ok(())
 }
 
+/// Makes the missing public paths of `id` when the store has a live pair for it and every other
+/// public path is meshd's link (nothing in the way is ever replaced; that is `meshd init`'s call).
+fn restore_links(
+    st: &PairStore,
+    id: &str,
+    links: &PairLinks,
+    out: &mut Vec<Recovery>,
+) -> anyhow::Result<()> {
+    if st.current_version(id)?.is_none() {
+        return Ok(());
+    }
+    let states = st.link_states(id, links)?;
+    let missing: Vec<PathBuf> = states
+        .iter()
+        .filter(|(_, s)| *s == PublicPath::Missing)
+        .map(|(p, _)| st.data_dir().join(p))
+        .collect();
+    let others_linked = states
+        .iter()
+        .all(|(_, s)| matches!(s, PublicPath::Missing | PublicPath::Linked));
+    if missing.is_empty() || !others_linked {
+        return Ok(());
+    }
+    st.ensure_links(id, links)?;
+    out.push(Recovery::RestoredLinks {
+        id: id.to_owned(),
+        paths: missing,
+    });
+    Ok(())
+}
+
 /// Checks every entry of the store of `data_dir` and repairs what a crash can leave (see the module
 /// documentation). The caller holds the data directory's lock. Returns what was done; an empty list
 /// when all was well.
@@ -285,8 +341,8 @@ pub fn recover(data_dir: &Path) -> anyhow::Result<Vec<Recovery>> {
     let signer_of = |id: &str| {
         known
             .iter()
-            .find(|(k, _)| k == id)
-            .map(|(_, s)| *s)
+            .find(|(k, _, _)| k == id)
+            .map(|(_, s, _)| *s)
             .unwrap_or(Signer::Any)
     };
     let ids = st.entries()?;
@@ -300,6 +356,11 @@ pub fn recover(data_dir: &Path) -> anyhow::Result<Vec<Recovery>> {
     let cas = ca_certs(data_dir);
     for id in leaves {
         recover_entry(&st, id, signer_of(id), &cas, &mut out)?;
+    }
+    for (id, _, links) in &known {
+        if let Some(links) = links {
+            restore_links(&st, id, links, &mut out)?;
+        }
     }
     Ok(out)
 }
@@ -335,7 +396,6 @@ mod tests {
     use super::*;
     use pki::ca::{CertificateAuthority, LeafProfile, Usage, Validity};
     use pki::keys::KeyAlgorithm;
-    use pki::store::PairLinks;
     use std::fs;
     use std::time::{Duration, SystemTime};
 
