@@ -222,11 +222,16 @@ pub struct JoinArgs {
     #[arg(long)]
     pub ca_hash: String,
     /// This node's name.
-    #[arg(long)]
-    pub node_name: String,
+    #[arg(long, required_unless_present = "rejoin")]
+    pub node_name: Option<String>,
     /// This node's address.
-    #[arg(long)]
-    pub advertise_address: IpAddr,
+    #[arg(long, required_unless_present = "rejoin")]
+    pub advertise_address: Option<IpAddr>,
+    /// Restore a node that joined before (from its data directory) whose certificates expired
+    /// while it was offline: new certificates for the same name, subnet and WireGuard key, with a
+    /// new token and a proof that this machine holds the node's registered identity key.
+    #[arg(long, conflicts_with_all = ["node_name", "advertise_address", "endpoint"])]
+    pub rejoin: bool,
     /// WireGuard UDP port.
     #[arg(long, default_value_t = 51820)]
     pub wireguard_port: u16,
@@ -455,21 +460,31 @@ fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
                 crate::run::run_control_plane(&a.dir.data_dir, a.listen, mesh, crate::run::shutdown_signal()).await?;
             }
             Command::Join(a) => {
-                let o = crate::join::JoinOptions {
-                    data_dir: a.dir.data_dir.clone(),
-                    server: a.server.clone(),
-                    token: a.token.clone(),
-                    ca_hash: a.ca_hash.clone(),
-                    node_name: a.node_name.clone(),
-                    advertise_address: a.advertise_address,
-                    wireguard_port: a.wireguard_port,
-                    endpoint: a.endpoint,
+                let r = if a.rejoin {
+                    crate::rejoin::rejoin(&crate::rejoin::RejoinOptions {
+                        data_dir: a.dir.data_dir.clone(),
+                        server: a.server.clone(),
+                        token: a.token.clone(),
+                        ca_hash: a.ca_hash.clone(),
+                    })
+                    .await?
+                } else {
+                    let o = crate::join::JoinOptions {
+                        data_dir: a.dir.data_dir.clone(),
+                        server: a.server.clone(),
+                        token: a.token.clone(),
+                        ca_hash: a.ca_hash.clone(),
+                        node_name: a.node_name.clone().context("--node-name is required")?,
+                        advertise_address: a.advertise_address.context("--advertise-address is required")?,
+                        wireguard_port: a.wireguard_port,
+                        endpoint: a.endpoint,
+                    };
+                    crate::join::join(&o).await?
                 };
-                let r = crate::join::join(&o).await?;
                 match a.output {
                     OutputFormat::Json => out!("{}", serde_json::to_string_pretty(&r)?),
                     OutputFormat::Table => {
-                        out!("joined as node {} with pod subnet {}", r.node_name, r.subnet);
+                        out!("{} as node {} with pod subnet {}", if a.rejoin { "rejoined" } else { "joined" }, r.node_name, r.subnet);
                         out!("WireGuard public key: {}", r.wireguard_public_key);
                         for f in &r.files {
                             out!("wrote {}", f.display());

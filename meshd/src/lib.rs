@@ -23,6 +23,7 @@ pub mod material;
 pub mod mesh;
 pub mod recover;
 pub mod registry;
+pub mod rejoin;
 pub mod run;
 pub mod settings;
 pub mod status;

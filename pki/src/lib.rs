@@ -7,6 +7,7 @@
 //! * [`inspect`]: what a certificate says (x509-parser), chain and key-match checks.
 //! * [`renewal`]: the pure renewal planner.
 //! * [`kubeconfig`]: kubeconfig rendering.
+//! * [`proof`]: proof of possession of a registered key (signatures for `meshd join --rejoin`).
 //! * [`inventory`]: the rows of the Kubernetes certificate inventory, in kubeadm's layout.
 //! * [`store`]: the atomic file store (the only module that touches the file system).
 //! * [`failpoints`]: named crash points in every write of the store (`failpoints` feature, tests only).
@@ -25,6 +26,7 @@ pub mod inspect;
 pub mod inventory;
 pub mod keys;
 pub mod kubeconfig;
+pub mod proof;
 pub mod renewal;
 pub mod store;
 pub mod time;
