@@ -133,8 +133,9 @@ pub fn init(
 
     // Start-up recovery: leftovers of an interrupted run (temporary files, staged versions and
     // half-made links, also of entries that are kept) are removed, and a live pair that is not
-    // valid falls back to the newest valid version.
-    let recovered = crate::recover::recover(&data_dir)?;
+    // valid falls back to the newest valid version. (Missing links are restored, and reported, by
+    // init itself below.)
+    let recovered = crate::recover::recover_store(&data_dir)?;
     let cleaned_up = crate::recover::leftovers_removed(&recovered);
     crate::recover::log_all("init", &recovered);
 

@@ -328,6 +328,16 @@ fn restore_links(
 ///
 /// Errors: I/O errors reading the store or switching `current` (with the path).
 pub fn recover(data_dir: &Path) -> anyhow::Result<Vec<Recovery>> {
+    recover_with(data_dir, true)
+}
+
+/// [`recover`] without restoring missing links: for `meshd init`, which restores them itself and
+/// reports each in its own report.
+pub(crate) fn recover_store(data_dir: &Path) -> anyhow::Result<Vec<Recovery>> {
+    recover_with(data_dir, false)
+}
+
+fn recover_with(data_dir: &Path, links: bool) -> anyhow::Result<Vec<Recovery>> {
     let mut out = Vec::new();
     for d in WRITE_DIRS {
         let dir = data_dir.join(d);
@@ -357,9 +367,9 @@ pub fn recover(data_dir: &Path) -> anyhow::Result<Vec<Recovery>> {
     for id in leaves {
         recover_entry(&st, id, signer_of(id), &cas, &mut out)?;
     }
-    for (id, _, links) in &known {
-        if let Some(links) = links {
-            restore_links(&st, id, links, &mut out)?;
+    for (id, _, l) in known.iter().filter(|_| links) {
+        if let Some(l) = l {
+            restore_links(&st, id, l, &mut out)?;
         }
     }
     Ok(out)
@@ -631,6 +641,30 @@ mod tests {
             matches!(&r[..], [Recovery::RolledBack { id, to: 1, .. }] if id == "ca"),
             "the leaf checks out against the rolled-back CA: {r:?}"
         );
+    }
+
+    #[test]
+    fn missing_links_of_a_ca_are_restored_and_nothing_in_the_way_is_replaced() {
+        let f = Fixture::new();
+        let crt = f.dir.path().join("pki/ca.crt");
+        let key = f.dir.path().join("pki/ca.key");
+        fs::remove_file(&crt).unwrap();
+        let r = recover(f.dir.path()).unwrap();
+        assert_eq!(
+            r,
+            vec![Recovery::RestoredLinks {
+                id: "ca".into(),
+                paths: vec![crt.clone()],
+            }]
+        );
+        assert_eq!(fs::read_to_string(&crt).unwrap(), f.ca.cert_pem());
+        // A plain file in place of the other half: left alone (init's business), nothing made.
+        fs::remove_file(&crt).unwrap();
+        fs::remove_file(&key).unwrap();
+        fs::write(&key, "plain").unwrap();
+        assert_eq!(recover(f.dir.path()).unwrap(), vec![]);
+        assert!(!crt.exists());
+        assert_eq!(fs::read_to_string(&key).unwrap(), "plain");
     }
 
     #[test]

@@ -128,6 +128,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     res
 }
 
+/// The rename that switches `current` of a pair.
+fn rename_current(tmp: &Path, cur: &Path) -> Result<()> {
+    crate::failpoint!("pairstore::point_current::before_current_rename", cur);
+    fs::rename(tmp, cur).map_err(io(cur))
+}
+
 /// Reads a file as UTF-8 text, with the path in any error.
 pub fn read_text(path: &Path) -> Result<String> {
     let bytes = fs::read(path).map_err(io(path))?;
@@ -412,11 +418,7 @@ impl PairStore {
         let tmp = tmp_name(&entry, "current")?;
         std::os::unix::fs::symlink(v.to_string(), &tmp).map_err(io(&tmp))?;
         let cur = entry.join("current");
-        let renamed = (|| {
-            crate::failpoint!("pairstore::point_current::before_current_rename", &cur);
-            fs::rename(&tmp, &cur).map_err(io(&cur))
-        })();
-        if let Err(e) = renamed {
+        if let Err(e) = rename_current(&tmp, &cur) {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
