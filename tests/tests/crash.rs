@@ -544,3 +544,63 @@ fn disk_full_during_a_rotation_keeps_the_old_pairs() {
     }
     openssl_check(&data);
 }
+
+/// `meshd run` starts with the recovery: a live pair damaged behind meshd's back (as by storage that
+/// lost a write) is rolled back before the API loads its certificate, and leftovers are removed.
+#[test]
+fn meshd_run_starts_with_the_recovery() {
+    let port = meshd_e2e::free_port();
+    let d = init_dir(
+        "cp1",
+        "127.0.0.1",
+        &["--cert-lifetime", "1h", "--api-port", &port.to_string()],
+    );
+    let dir = d.path();
+    let out = run(&mut rotate_all(dir));
+    assert!(out.status.success(), "{}", describe(&out));
+    let old_api = std::fs::read_to_string(dir.join("pki/.store/meshd-api/1/tls.crt")).expect("v1");
+    // The live meshd-api certificate is torn, and a staged version is left over.
+    let live = dir.join("pki/.store/meshd-api/2/tls.crt");
+    let text = std::fs::read_to_string(&live).expect("v2");
+    std::fs::write(&live, &text[..text.len() / 3]).expect("tear");
+    plant_leftover(dir);
+    let out = run(Command::new(meshd_bin())
+        .args(["certs", "check", "--data-dir"])
+        .arg(dir));
+    assert!(
+        !out.status.success(),
+        "the damage shows: {}",
+        describe(&out)
+    );
+
+    let log = dir.join("run.log");
+    let mut g = meshd_e2e::ChildGuard::spawn(
+        "meshd run",
+        Command::new(meshd_bin())
+            .args(["run", "--no-mesh", "--data-dir"])
+            .arg(dir),
+        &log,
+    );
+    let up = meshd_e2e::wait_for(Duration::from_secs(20), || {
+        if !g.alive() {
+            return Some(false);
+        }
+        let l = std::fs::read_to_string(&log).unwrap_or_default();
+        l.contains("meshd API listening on").then_some(true)
+    });
+    let l = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(up, Some(true), "meshd run did not start:\n{l}");
+    assert!(
+        l.contains(
+            "meshd run: start-up recovery: meshd-api: the live pair (version 2) was not valid"
+        ) && l.contains("rolled back to version 1"),
+        "{l}"
+    );
+    drop(g);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("pki/meshd/api-server.crt")).expect("live"),
+        old_api
+    );
+    std::fs::remove_file(&log).expect("log");
+    assert_all_valid(dir, "after meshd run's recovery");
+}
