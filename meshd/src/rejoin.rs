@@ -7,6 +7,10 @@
 //! that this machine still holds the node's registered identity key (see
 //! `api/server/rejoin.rs` for the server's side): a signature by that key over
 //! [`rejoin_message`].
+//!
+//! Crash safety: the new identity key is written to [`pending_path`] before the request, so a
+//! crash after the control plane bound the node to it, but before the certificates were written,
+//! does not orphan the node: the next `--rejoin` (with a new token) proves with that key.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,7 +25,7 @@ use pki::kubeconfig::{self, ClientCredential, KubeconfigSpec, PemSource};
 use pki::store::{self, PairStore};
 use serde::{Deserialize, Serialize};
 
-use crate::api::client::ApiClient;
+use crate::api::client::{ApiClient, ClientError};
 use crate::api::{InfoResponse, JoinResponse, NodeCsrs};
 use crate::join::{JoinSummary, MAX_CLOCK_SKEW};
 use crate::material::{self, Found};
@@ -146,6 +150,12 @@ impl std::fmt::Debug for RejoinOptions {
     }
 }
 
+/// Where a rejoin keeps the new identity key from before its request until its certificates are
+/// written (see [`rejoin`]).
+pub fn pending_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("pki/meshd/rejoin-pending.key")
+}
+
 const IDS: [&str; 4] = [
     "kubelet.conf",
     "kubelet-serving",
@@ -199,10 +209,33 @@ pub async fn rejoin(o: &RejoinOptions) -> anyhow::Result<JoinSummary> {
             .find(|e| e.id == id)
             .with_context(|| format!("internal error: no inventory entry {id}"))
     };
+    // The new identity key is on disk before the control plane may bind the node to it: a crash
+    // after the control plane's transaction but before the certificates are written leaves the
+    // node holding its registered key, and the next rejoin proves with it.
+    let pending = pending_path(&data_dir);
+    let pending_before = match std::fs::symlink_metadata(&pending) {
+        Ok(_) => Some(
+            PrivateKey::from_pem(store::read_key_file(&pending)?.expose())
+                .with_context(|| pending.display().to_string())?,
+        ),
+        Err(_) => None,
+    };
+    let new_identity = match &pending_before {
+        Some(k) => PrivateKey::from_pem(k.to_pem().expose())?,
+        None => {
+            let k = PrivateKey::generate(KeyAlgorithm::EcdsaP256)?;
+            store::write_atomic(&pending, k.to_pem().expose().as_bytes(), store::KEY_MODE)?;
+            k
+        }
+    };
     let mut keys = Vec::new();
     let mut csrs = Vec::new();
     for id in IDS {
-        let k = PrivateKey::generate(KeyAlgorithm::EcdsaP256)?;
+        let k = if id == "meshd-node" {
+            PrivateKey::from_pem(new_identity.to_pem().expose())?
+        } else {
+            PrivateKey::generate(KeyAlgorithm::EcdsaP256)?
+        };
         csrs.push(pki::csr::build_csr(&entry(id)?.profile, &k)?);
         keys.push(k);
     }
@@ -214,17 +247,36 @@ pub async fn rejoin(o: &RejoinOptions) -> anyhow::Result<JoinSummary> {
     };
     let msg = rejoin_message(&ca_pin, &token.id, &j.name, &csrs);
     let b64 = base64::engine::general_purpose::STANDARD;
-    let req = RejoinRequest {
-        token: o.token.clone(),
-        node_name: j.name.clone(),
-        identity_spki: b64.encode(old_key.public_key_spki_der()),
-        proof: b64.encode(pki::proof::sign(&old_key, &msg)?),
-        csrs,
+    // The key the registry knows: the identity key in use, or the one an interrupted rejoin had
+    // already bound the node to. A refused proof leaves the token unused, so the second try is free.
+    let provers: Vec<&PrivateKey> = std::iter::once(&old_key).chain(&pending_before).collect();
+    let mut resp: Option<JoinResponse> = None;
+    for (i, prover) in provers.iter().enumerate() {
+        let req = RejoinRequest {
+            token: o.token.clone(),
+            node_name: j.name.clone(),
+            identity_spki: b64.encode(prover.public_key_spki_der()),
+            proof: b64.encode(pki::proof::sign(prover, &msg)?),
+            csrs: csrs.clone(),
+        };
+        match client
+            .call::<JoinResponse>(Method::POST, "/v1/join/rejoin", Some(&req))
+            .await
+        {
+            Ok(r) => {
+                resp = Some(r);
+                break;
+            }
+            Err(ClientError::Status {
+                status: 403,
+                message,
+            }) if message.starts_with("rejoin refused") && i + 1 < provers.len() => continue,
+            Err(e) => return Err(e).context("rejoin"),
+        }
+    }
+    let Some(resp) = resp else {
+        bail!("internal error: no rejoin answer");
     };
-    let resp: JoinResponse = client
-        .call(Method::POST, "/v1/join/rejoin", Some(&req))
-        .await
-        .context("rejoin")?;
 
     // Check what came back before writing anything.
     let ca_der = pki::inspect::pem_to_der(&resp.ca_pem)?;
@@ -255,6 +307,7 @@ pub async fn rejoin(o: &RejoinOptions) -> anyhow::Result<JoinSummary> {
         );
     }
 
+    pki::failpoint!("rejoin::before_write");
     let mut files = Vec::new();
     let ca_path = data_dir.join("pki/ca.crt");
     store::write_atomic(&ca_path, resp.ca_pem.as_bytes(), store::CERT_MODE)?;
@@ -295,6 +348,9 @@ pub async fn rejoin(o: &RejoinOptions) -> anyhow::Result<JoinSummary> {
     }
     settings::save_config(&data_dir, &cfg)?;
     files.push(settings::path(&data_dir));
+    // The new identity key is now the live pair's: the pending copy goes.
+    std::fs::remove_file(&pending).with_context(|| pending.display().to_string())?;
+    store::sync_dir(pending.parent().unwrap_or(&data_dir))?;
     Ok(JoinSummary {
         node_name: j.name,
         subnet: resp.subnet.to_string(),

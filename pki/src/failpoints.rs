@@ -34,13 +34,21 @@ pub const ALL: &[&str] = &[
     "pairstore::prune::after_remove",
     "pairstore::link::before_dir_fsync",
     "pairstore::replace_with_links::before_links",
+    "rejoin::before_write",
 ];
+
+/// The `fail` crate, for [`failpoint!`] in other crates of the workspace (which turn on their own
+/// `failpoints` feature, forwarding to this one).
+#[cfg(feature = "failpoints")]
+#[doc(hidden)]
+pub use fail;
 
 /// Whether this build has failpoints (the `failpoints` feature).
 pub const ENABLED: bool = cfg!(feature = "failpoints");
 
 /// A failpoint named `$name` (one of [`ALL`]). With a second argument, the path a `return` action
-/// reports: the enclosing function then returns an I/O error for that path.
+/// reports: the enclosing function then returns an I/O error for that path. Used in another crate,
+/// that crate needs a `failpoints` feature that turns on `pki/failpoints`.
 #[macro_export]
 #[doc(hidden)]
 macro_rules! failpoint {
@@ -48,14 +56,14 @@ macro_rules! failpoint {
         #[cfg(feature = "failpoints")]
         {
             debug_assert!($crate::failpoints::ALL.contains(&$name));
-            fail::fail_point!($name);
+            $crate::failpoints::fail::fail_point!($name);
         }
     };
     ($name:expr, $path:expr) => {
         #[cfg(feature = "failpoints")]
         {
             debug_assert!($crate::failpoints::ALL.contains(&$name));
-            fail::fail_point!($name, |_| {
+            $crate::failpoints::fail::fail_point!($name, |_| {
                 Err($crate::PkiError::io(
                     $path,
                     std::io::Error::other(format!("failpoint {}", $name)),
@@ -123,7 +131,10 @@ mod tests {
     /// every failpoint used in the sources is listed.
     #[test]
     fn the_list_matches_the_code() {
-        let sources = [include_str!("store.rs")];
+        let sources = [
+            include_str!("store.rs"),
+            include_str!("../../meshd/src/rejoin.rs"),
+        ];
         let mut used = Vec::new();
         for src in sources {
             for (i, _) in src.match_indices("failpoint!(") {

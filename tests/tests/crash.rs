@@ -22,11 +22,14 @@ use meshd_e2e::{init_dir, meshd, meshd_bin, require_tool, run};
 use pki::inventory::{self, ClusterSettings, Output as EntryOutput};
 use pki::keys::PrivateKey;
 
-/// Failpoints a re-issue of existing entries never reaches: it makes no new directory and never
-/// replaces plain files by links (that is `meshd init`'s reissue of a kubeadm directory).
+/// Failpoints a re-issue of existing entries never reaches: it makes no new directory, never
+/// replaces plain files by links (that is `meshd init`'s reissue of a kubeadm directory), and is not
+/// a node's rejoin.
 const NOT_ON_THE_ROTATION_PATH: &[&str] = &[
     "store::ensure_dir::after_mkdir",
     "pairstore::replace_with_links::before_links",
+    // A node's `join --rejoin` (tests/tests/rejoin.rs).
+    "rejoin::before_write",
 ];
 
 /// The command that rotates every control-plane certificate of `dir`. The one place to change when

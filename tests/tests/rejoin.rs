@@ -4,6 +4,7 @@
 //! `meshd join --rejoin`.
 
 use std::net::IpAddr;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, SystemTime};
@@ -278,6 +279,12 @@ fn fresh_csrs(name: &str, addr: IpAddr) -> NodeCsrs {
 #[test]
 fn an_expired_node_is_refused_clearly_and_restored_by_rejoin() {
     require_tool("openssl", "openssl");
+    let fp: serde_json::Value =
+        serde_json::from_str(&meshd_ok(&["debug", "failpoints"])).expect("json");
+    assert_eq!(
+        fp["enabled"], true,
+        "the meshd binary has no failpoints: build it with `cargo build -p meshd --features failpoints`"
+    );
     let mut cp = ControlPlane::new();
     let rt = runtime();
     let nodes = tempfile::Builder::new()
@@ -426,9 +433,31 @@ fn an_expired_node_is_refused_clearly_and_restored_by_rejoin() {
         assert_eq!(cp.token_info(&t.id).used, 0);
     }
 
-    // 4. The real n1 rejoins with that token: same name, subnet and WireGuard key, a new identity.
+    // 4. The real n1 rejoins with that token, and crashes after the control plane bound it to its
+    //    new identity key but before it wrote its certificates. The token is used up; the node
+    //    still holds expired certificates and the new key (kept aside before the request).
+    let out = run(Command::new(meshd_bin())
+        .args([
+            "join",
+            "--rejoin",
+            "--data-dir",
+            path_str(&n1),
+            "--server",
+            &cp.server(),
+        ])
+        .args(["--token", &t.token, "--ca-hash", &t.ca_hash])
+        .env("FAILPOINTS", "rejoin::before_write=panic"));
+    assert_eq!(out.status.signal(), Some(6), "a crash: {}", describe(&out));
+    let moved = cp.node("n1");
+    assert_ne!(moved.identity_sha256, before.identity_sha256);
+    assert_eq!(cp.token_info(&t.id).used, 1);
+    assert!(meshd::rejoin::pending_path(&n1).exists());
+    // A new token: the proof with the expired pair's key is refused (the registry moved on), the
+    // one with the kept key passes. Same name, subnet and WireGuard key, a new identity.
+    let t = cp.token();
     let out = cp.rejoin(&n1, &t);
     assert!(out.status.success(), "{}\n{}", describe(&out), cp.log());
+    assert!(!meshd::rejoin::pending_path(&n1).exists());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["node_name"], "n1");
     assert_eq!(v["subnet"], before.subnet.to_string());
