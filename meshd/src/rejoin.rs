@@ -8,7 +8,7 @@
 //! `api/server/rejoin.rs` for the server's side): a signature by that key over
 //! [`rejoin_message`].
 //!
-//! Crash safety: the new identity key is written to [`pending_path`] before the request, so a
+//! Crash safety: the new identity key is written to [`pending_identity_path`] before the request, so a
 //! crash after the control plane bound the node to it, but before the certificates were written,
 //! does not orphan the node: the next `--rejoin` (with a new token) proves with that key.
 
@@ -150,10 +150,12 @@ impl std::fmt::Debug for RejoinOptions {
     }
 }
 
-/// Where a rejoin keeps the new identity key from before its request until its certificates are
-/// written (see [`rejoin`]).
-pub fn pending_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("pki/meshd/rejoin-pending.key")
+/// Where a new node identity key is kept from before the request that binds the node to it until
+/// its certificate is written: by a rejoin (see [`rejoin`]), and by a node's renewal through
+/// `/v1/certs/renew`, which moves the registered identity the same way. After a crash in between,
+/// `meshd join --rejoin` proves with this key when the one in use is no longer registered.
+pub fn pending_identity_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("pki/meshd/identity-pending.key")
 }
 
 const IDS: [&str; 4] = [
@@ -212,7 +214,7 @@ pub async fn rejoin(o: &RejoinOptions) -> anyhow::Result<JoinSummary> {
     // The new identity key is on disk before the control plane may bind the node to it: a crash
     // after the control plane's transaction but before the certificates are written leaves the
     // node holding its registered key, and the next rejoin proves with it.
-    let pending = pending_path(&data_dir);
+    let pending = pending_identity_path(&data_dir);
     let pending_before = match std::fs::symlink_metadata(&pending) {
         Ok(_) => Some(
             PrivateKey::from_pem(store::read_key_file(&pending)?.expose())

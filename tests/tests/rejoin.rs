@@ -451,13 +451,13 @@ fn an_expired_node_is_refused_clearly_and_restored_by_rejoin() {
     let moved = cp.node("n1");
     assert_ne!(moved.identity_sha256, before.identity_sha256);
     assert_eq!(cp.token_info(&t.id).used, 1);
-    assert!(meshd::rejoin::pending_path(&n1).exists());
+    assert!(meshd::rejoin::pending_identity_path(&n1).exists());
     // A new token: the proof with the expired pair's key is refused (the registry moved on), the
     // one with the kept key passes. Same name, subnet and WireGuard key, a new identity.
     let t = cp.token();
     let out = cp.rejoin(&n1, &t);
     assert!(out.status.success(), "{}\n{}", describe(&out), cp.log());
-    assert!(!meshd::rejoin::pending_path(&n1).exists());
+    assert!(!meshd::rejoin::pending_identity_path(&n1).exists());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["node_name"], "n1");
     assert_eq!(v["subnet"], before.subnet.to_string());
