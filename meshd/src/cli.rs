@@ -104,6 +104,9 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
         output: OutputFormat,
     },
+    /// Helpers for the crash tests (hidden).
+    #[command(subcommand, hide = true)]
+    Debug(DebugCommand),
     /// This node's mesh: registered nodes and subnets, and the WireGuard peers with their latest
     /// handshake and transfer counters; the Kubernetes components `meshd run` supervises, with
     /// their logs.
@@ -262,11 +265,16 @@ pub struct JoinArgs {
     #[arg(long)]
     pub ca_hash: String,
     /// This node's name.
-    #[arg(long)]
-    pub node_name: String,
+    #[arg(long, required_unless_present = "rejoin")]
+    pub node_name: Option<String>,
     /// This node's address.
-    #[arg(long)]
-    pub advertise_address: IpAddr,
+    #[arg(long, required_unless_present = "rejoin")]
+    pub advertise_address: Option<IpAddr>,
+    /// Restore a node that joined before (from its data directory) whose certificates expired
+    /// while it was offline: new certificates for the same name, subnet and WireGuard key, with a
+    /// new token and a proof that this machine holds the node's registered identity key.
+    #[arg(long, conflicts_with_all = ["node_name", "advertise_address", "endpoint"])]
+    pub rejoin: bool,
     /// WireGuard UDP port.
     #[arg(long, default_value_t = 51820)]
     pub wireguard_port: u16,
@@ -276,6 +284,28 @@ pub struct JoinArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
+}
+
+/// `meshd debug ...` (hidden; see `crate::debug`).
+#[derive(Debug, Subcommand)]
+pub enum DebugCommand {
+    /// Re-issue every control-plane leaf through the pair store, as a rotation does.
+    ReissueAll {
+        #[command(flatten)]
+        /// Data directory.
+        dir: DataDir,
+    },
+    /// Run the start-up recovery alone; exits 1 when an entry is left without a valid pair.
+    Recover {
+        #[command(flatten)]
+        /// Data directory.
+        dir: DataDir,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
+    },
+    /// Whether this build has failpoints, and their names (JSON).
+    Failpoints,
 }
 
 /// `meshd certs ...`
@@ -424,8 +454,46 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Debug(cmd) => run_debug(cmd),
         other => run_async(other),
     }
+}
+
+fn run_debug(cmd: DebugCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        DebugCommand::ReissueAll { dir } => {
+            for r in crate::debug::reissue_all(&dir.data_dir, SystemTime::now())? {
+                out!(
+                    "reissued {} (version {:?}, serial {})",
+                    r.id,
+                    r.version,
+                    r.serial
+                );
+            }
+        }
+        DebugCommand::Recover { dir, output } => {
+            let rs = crate::recover::recover_locked(&dir.data_dir)?;
+            match output {
+                OutputFormat::Json => out!("{}", serde_json::to_string_pretty(&rs)?),
+                OutputFormat::Table => {
+                    for r in &rs {
+                        out!("{r}");
+                    }
+                }
+            }
+            if rs.iter().any(|r| r.is_failure()) {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        DebugCommand::Failpoints => out!(
+            "{}",
+            serde_json::json!({
+                "enabled": pki::failpoints::ENABLED,
+                "failpoints": pki::failpoints::ALL,
+            })
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -452,21 +520,31 @@ fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
                 crate::run::run_control_plane(&a.dir.data_dir, a.listen, mesh, crate::run::shutdown_signal()).await?;
             }
             Command::Join(a) => {
-                let o = crate::join::JoinOptions {
-                    data_dir: a.dir.data_dir.clone(),
-                    server: a.server.clone(),
-                    token: a.token.clone(),
-                    ca_hash: a.ca_hash.clone(),
-                    node_name: a.node_name.clone(),
-                    advertise_address: a.advertise_address,
-                    wireguard_port: a.wireguard_port,
-                    endpoint: a.endpoint,
+                let r = if a.rejoin {
+                    crate::rejoin::rejoin(&crate::rejoin::RejoinOptions {
+                        data_dir: a.dir.data_dir.clone(),
+                        server: a.server.clone(),
+                        token: a.token.clone(),
+                        ca_hash: a.ca_hash.clone(),
+                    })
+                    .await?
+                } else {
+                    let o = crate::join::JoinOptions {
+                        data_dir: a.dir.data_dir.clone(),
+                        server: a.server.clone(),
+                        token: a.token.clone(),
+                        ca_hash: a.ca_hash.clone(),
+                        node_name: a.node_name.clone().context("--node-name is required")?,
+                        advertise_address: a.advertise_address.context("--advertise-address is required")?,
+                        wireguard_port: a.wireguard_port,
+                        endpoint: a.endpoint,
+                    };
+                    crate::join::join(&o).await?
                 };
-                let r = crate::join::join(&o).await?;
                 match a.output {
                     OutputFormat::Json => out!("{}", serde_json::to_string_pretty(&r)?),
                     OutputFormat::Table => {
-                        out!("joined as node {} with pod subnet {}", r.node_name, r.subnet);
+                        out!("{} as node {} with pod subnet {}", if a.rejoin { "rejoined" } else { "joined" }, r.node_name, r.subnet);
                         out!("WireGuard public key: {}", r.wireguard_public_key);
                         for f in &r.files {
                             out!("wrote {}", f.display());
@@ -558,7 +636,7 @@ fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
                 st?;
             }
             Command::Rotate(a) => return rotate_command(a).await,
-            Command::Init(_) | Command::Certs(_) | Command::Render { .. } => anyhow::bail!("internal error: not an async command"),
+            Command::Init(_) | Command::Certs(_) | Command::Render { .. } | Command::Debug(_) => anyhow::bail!("internal error: not an async command"),
         }
         Ok(ExitCode::SUCCESS)
     })

@@ -131,12 +131,13 @@ pub fn init(
     }
     let store_cfg = resolve_store(&data_dir, prev.as_ref(), s, store_opts)?;
 
-    let mut cleaned_up = 0;
-    for d in ["", "pki", "pki/etcd", "pki/meshd", "kubelet/pki"] {
-        cleaned_up += store::cleanup_tmp_files(&data_dir.join(d))?;
-    }
-    // Staged versions and half-made links inside the store, also of entries that are kept.
-    cleaned_up += PairStore::new(&data_dir).cleanup_all_tmp()?;
+    // Start-up recovery: leftovers of an interrupted run (temporary files, staged versions and
+    // half-made links, also of entries that are kept) are removed, and a live pair that is not
+    // valid falls back to the newest valid version. (Missing links are restored, and reported, by
+    // init itself below.)
+    let recovered = crate::recover::recover_store(&data_dir)?;
+    let cleaned_up = crate::recover::leftovers_removed(&recovered);
+    crate::recover::log_all("init", &recovered);
 
     let mut items = Vec::new();
     let store = PairStore::new(&data_dir);
@@ -560,7 +561,7 @@ fn links_of(entry: &Entry) -> PairLinks {
 }
 
 /// A kubeconfig for people: cluster CA, client certificate and key embedded.
-fn render_embedded(
+pub(crate) fn render_embedded(
     s: &ClusterSettings,
     entry: &Entry,
     cas: &CaSet,

@@ -87,7 +87,7 @@ pub async fn join(o: &JoinOptions) -> anyhow::Result<JoinSummary> {
     if let Some(prev) = settings::load_config(&o.data_dir)? {
         match prev.role {
             Role::Node => bail!(
-                "{} already belongs to node {:?}, joined to {}: nothing done (a node joins once)",
+                "{} already belongs to node {:?}, joined to {}: nothing done (a node joins once; if its certificates expired, use `meshd join --rejoin`)",
                 o.data_dir.display(),
                 prev.joined.as_ref().map(|j| j.name.as_str()).unwrap_or(""),
                 prev.joined.as_ref().map(|j| j.server.as_str()).unwrap_or("")
@@ -259,6 +259,8 @@ pub async fn join(o: &JoinOptions) -> anyhow::Result<JoinSummary> {
 /// admin (its `meshd-admin` certificate).
 pub fn node_client(data_dir: &Path) -> anyhow::Result<ApiClient> {
     let cfg = settings::require_config(data_dir)?;
+    // An expired node certificate is refused by the control plane: say so before dialling it.
+    crate::rejoin::check_node_certificate(data_dir, SystemTime::now())?;
     let ca = store::read_text(&data_dir.join("pki/ca.crt"))?;
     let (server, id, links) = match cfg.role {
         Role::Node => {

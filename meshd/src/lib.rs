@@ -9,6 +9,7 @@
 //! * [`rotate`]: certificate rotation (`meshd rotate` and the daemon's planner).
 //! * [`components`]: the Kubernetes components: rendering with TLS everywhere, systemd units and
 //!   static pods (`meshd render`), and their supervision by `meshd run`.
+//! * [`recover`]: the start-up check of the pair store after a crash (falls back to the previous pair).
 //!
 //! The binary (`main.rs`) only wires these together; the PKI itself lives in the `pki` crate.
 #![forbid(unsafe_code)]
@@ -18,12 +19,15 @@ pub mod api;
 pub mod certs;
 pub mod cli;
 pub mod components;
+pub mod debug;
 pub mod init;
 pub mod join;
 pub mod leases;
 pub mod material;
 pub mod mesh;
+pub mod recover;
 pub mod registry;
+pub mod rejoin;
 pub mod rotate;
 pub mod run;
 pub mod settings;

@@ -106,6 +106,9 @@ pub async fn run_control_plane(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let cfg = settings::require_config(data_dir)?;
+    // Start-up check: every live pair valid, else back to the previous one (a crash mid-rotation).
+    let recovered = crate::recover::recover_locked(data_dir)?;
+    crate::recover::log_all("run", &recovered);
     if cfg.role != Role::ControlPlane {
         return run_node(data_dir, mesh, shutdown).await;
     }

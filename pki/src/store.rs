@@ -52,6 +52,7 @@ pub fn ensure_dir(dir: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
         Err(e) => return Err(PkiError::io(dir, e)),
     }
+    crate::failpoint!("store::ensure_dir::after_mkdir", dir);
     fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE)).map_err(io(dir))?;
     if let Some(parent) = dir.parent() {
         sync_dir(parent)?;
@@ -94,10 +95,12 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
         .mode(mode)
         .open(path)
         .map_err(io(path))?;
+    crate::failpoint!("store::write_new::after_create", path);
     // The umask may have cleared bits we asked for; never leave more than `mode`.
     f.set_permissions(fs::Permissions::from_mode(mode))
         .map_err(io(path))?;
     f.write_all(bytes).map_err(io(path))?;
+    crate::failpoint!("store::write_new::before_fsync", path);
     f.sync_all().map_err(io(path))?;
     Ok(())
 }
@@ -112,13 +115,23 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = tmp_name(dir, &base)?;
-    let res = write_new(&tmp, bytes, mode)
-        .and_then(|()| fs::rename(&tmp, path).map_err(io(path)))
-        .and_then(|()| sync_dir(dir));
+    let res = (|| {
+        write_new(&tmp, bytes, mode)?;
+        crate::failpoint!("store::write_atomic::before_rename", path);
+        fs::rename(&tmp, path).map_err(io(path))?;
+        crate::failpoint!("store::write_atomic::before_dir_fsync", dir);
+        sync_dir(dir)
+    })();
     if res.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     res
+}
+
+/// The rename that switches `current` of a pair.
+fn rename_current(tmp: &Path, cur: &Path) -> Result<()> {
+    crate::failpoint!("pairstore::point_current::before_current_rename", cur);
+    fs::rename(tmp, cur).map_err(io(cur))
 }
 
 /// Reads a file as UTF-8 text, with the path in any error.
@@ -244,7 +257,32 @@ impl PairStore {
         self.data_dir.join(STORE_DIR).join(id)
     }
 
-    fn versions(&self, id: &str) -> Result<Vec<u64>> {
+    /// The ids of every entry of the store (`pki/.store/<id>`), sorted; leftovers of interrupted
+    /// writes are not entries.
+    pub fn entries(&self) -> Result<Vec<String>> {
+        let root = self.data_dir.join(STORE_DIR);
+        let rd = match fs::read_dir(&root) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(PkiError::io(&root, e)),
+        };
+        let mut out = Vec::new();
+        for ent in rd {
+            let ent = ent.map_err(io(&root))?;
+            let is_dir = ent.file_type().map(|t| t.is_dir()).unwrap_or(false);
+            if let (true, Some(id)) = (is_dir, ent.file_name().to_str()) {
+                if !id.starts_with(TMP_PREFIX) {
+                    out.push(id.to_owned());
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The version numbers of `id` present on disk, ascending (complete versions only: a staged,
+    /// unrenamed version is a temporary directory).
+    pub fn versions(&self, id: &str) -> Result<Vec<u64>> {
         let dir = self.entry_dir(id);
         let mut out = Vec::new();
         let rd = match fs::read_dir(&dir) {
@@ -334,12 +372,15 @@ impl PairStore {
             .create(&stage)
             .map_err(io(&stage))?;
         let staged = (|| {
+            crate::failpoint!("pairstore::write_version::after_stage_mkdir", &stage);
             write_new(&stage.join("tls.crt"), cert_pem.as_bytes(), CERT_MODE)?;
+            crate::failpoint!("pairstore::write_version::after_cert", &stage);
             write_new(
                 &stage.join("tls.key"),
                 key_pem.expose().as_bytes(),
                 KEY_MODE,
             )?;
+            crate::failpoint!("pairstore::write_version::after_key", &stage);
             let mut both = zeroize::Zeroizing::new(String::with_capacity(
                 cert_pem.len() + key_pem.expose().len() + 1,
             ));
@@ -349,16 +390,24 @@ impl PairStore {
             }
             both.push_str(key_pem.expose());
             write_new(&stage.join("tls.pem"), both.as_bytes(), KEY_MODE)?;
+            crate::failpoint!("pairstore::write_version::before_stage_fsync", &stage);
             sync_dir(&stage)?;
             let final_dir = entry.join(next.to_string());
+            crate::failpoint!("pairstore::write_version::before_stage_rename", &final_dir);
             fs::rename(&stage, &final_dir).map_err(io(&final_dir))?;
+            crate::failpoint!("pairstore::write_version::before_entry_fsync", &entry);
             sync_dir(&entry)
         })();
         if let Err(e) = staged {
             let _ = fs::remove_dir_all(&stage);
             return Err(e);
         }
+        crate::failpoint!(
+            "pairstore::write_version::before_current_switch",
+            entry.join("current")
+        );
         self.point_current(id, next)?;
+        crate::failpoint!("pairstore::write_version::before_prune", &entry);
         self.prune(id)?;
         Ok(next)
     }
@@ -369,10 +418,11 @@ impl PairStore {
         let tmp = tmp_name(&entry, "current")?;
         std::os::unix::fs::symlink(v.to_string(), &tmp).map_err(io(&tmp))?;
         let cur = entry.join("current");
-        if let Err(e) = fs::rename(&tmp, &cur) {
+        if let Err(e) = rename_current(&tmp, &cur) {
             let _ = fs::remove_file(&tmp);
-            return Err(PkiError::io(&cur, e));
+            return Err(e);
         }
+        crate::failpoint!("pairstore::point_current::before_dir_fsync", &entry);
         sync_dir(&entry)
     }
 
@@ -512,6 +562,10 @@ impl PairStore {
         for p in &removed {
             sync_dir(p.parent().unwrap_or(Path::new(".")))?;
         }
+        crate::failpoint!(
+            "pairstore::replace_with_links::before_links",
+            &self.data_dir
+        );
         self.ensure_links(id, links)?;
         Ok(removed)
     }
@@ -538,6 +592,7 @@ impl PairStore {
             }
             Err(e) => return Err(PkiError::io(&path, e)),
         }
+        crate::failpoint!("pairstore::link::before_dir_fsync", dir);
         sync_dir(dir)
     }
 
@@ -559,6 +614,7 @@ impl PairStore {
                     fs::remove_file(&p)
                 };
                 r.map_err(io(&p))?;
+                crate::failpoint!("pairstore::cleanup_tmp::after_remove", &p);
                 n += 1;
             }
         }
@@ -597,6 +653,7 @@ impl PairStore {
             if v != cur && Some(v) != prev {
                 let p = self.entry_dir(id).join(v.to_string());
                 fs::remove_dir_all(&p).map_err(io(&p))?;
+                crate::failpoint!("pairstore::prune::after_remove", &p);
             }
         }
         Ok(())

@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `GET /v1/info` | nothing (server time and cluster name; only after the client checked the CA pin) |
 //! | `POST /v1/join` | a bootstrap token in the body |
+//! | `POST /v1/join/rejoin` | a bootstrap token and a signature by the node's registered identity key (its certificate may have expired) |
 //! | `POST /v1/lease/renew`, `POST /v1/certs/renew`, `GET /v1/nodes`, `GET /v1/peers/watch` | the node's client certificate (`system:node:<name>`, O `system:nodes`) |
 //! | `POST/GET /v1/tokens`, `DELETE /v1/tokens/<id>`, `DELETE /v1/nodes/<name>` | an admin client certificate (O `meshd:admins`) |
 //!

@@ -25,6 +25,8 @@ use crate::registry::{self, NodeRecord};
 use crate::store::Store;
 use crate::tokens::{self, Token, TokenRecord};
 
+mod rejoin;
+
 /// Everything the handlers need.
 pub struct ApiState {
     /// The cluster state.
@@ -270,6 +272,13 @@ async fn route(
         )),
         (&Method::POST, "/v1/join") => match body::<JoinRequest>(req).await {
             Ok(r) => join(state, r, peer).await.map(|r| json(StatusCode::OK, &r)),
+            Err(e) => Err(e),
+        },
+        (&Method::POST, "/v1/join/rejoin") => match body::<crate::rejoin::RejoinRequest>(req).await
+        {
+            Ok(r) => rejoin::rejoin(state, r, peer)
+                .await
+                .map(|r| json(StatusCode::OK, &r)),
             Err(e) => Err(e),
         },
         (&Method::POST, "/v1/lease/renew") => match need_node(id) {
