@@ -508,7 +508,7 @@ pub async fn rotate(data_dir: &Path, opts: &Options) -> Result<Report, RotateErr
     };
     let mut report = match cfg.role {
         Role::ControlPlane => control_plane_pass(&data_dir, &cfg, &entries, opts)?,
-        Role::Node => node_pass(&data_dir, &cfg, &entries, opts).await?,
+        Role::Node => node_pass(&data_dir, &entries, opts).await?,
     };
     if opts.run_hooks && !opts.dry_run {
         run_hooks(&cfg, &mut report).await;
@@ -832,7 +832,6 @@ const NODE_IDS: [&str; 4] = [
 
 async fn node_pass(
     data_dir: &Path,
-    cfg: &MeshdConfig,
     entries: &[Entry],
     opts: &Options,
 ) -> Result<Report, RotateError> {
@@ -876,7 +875,7 @@ async fn node_pass(
             "the node's meshd identity (pki/meshd/node.crt) is unusable, so the control plane cannot authenticate a renewal: restore it, or join again (`meshd join --rejoin`)"
         ))
     } else {
-        renew_bundle(data_dir, cfg, &planned, &ca_der).await
+        renew_bundle(data_dir, &planned, &ca_der).await
     };
     match bundle {
         Ok(done) => {
@@ -914,11 +913,9 @@ type Done = anyhow::Result<(Outcome, SystemTime)>;
 /// Renews the node's bundle through the API; one result per planned entry (in order).
 async fn renew_bundle(
     data_dir: &Path,
-    cfg: &MeshdConfig,
     planned: &[Planned],
     ca_der: &[u8],
 ) -> anyhow::Result<Vec<Done>> {
-    let _ = cfg;
     let find = |id: &str| {
         planned
             .iter()
@@ -1102,7 +1099,7 @@ pub async fn daemon(
                         report.failed(),
                         b.as_secs_f64()
                     ));
-                    b.min(sleep_until(report.next_renewal_at, now).max(b))
+                    b
                 } else {
                     failures = 0;
                     sleep_until(report.next_renewal_at, now)
