@@ -82,6 +82,10 @@ pub enum Command {
     /// Registered nodes.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// TLS audit of the cluster: live handshakes with every known endpoint, component
+    /// configuration, certificate inventory and the overlay. Exit 0 clean, 1 findings at or above
+    /// --fail-on, 2 usage error, 3 incomplete.
+    Audit(Box<crate::audit::cli::AuditArgs>),
     /// This node's mesh: registered nodes and subnets, and the WireGuard peers with their latest
     /// handshake and transfer counters.
     Status {
@@ -364,6 +368,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         }
+        Command::Audit(a) => crate::audit::cli::run(*a),
         other => run_async(other),
     }
 }
@@ -477,7 +482,7 @@ fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
                     OutputFormat::Table => out_raw!("{}", crate::status::render(&st)),
                 }
             }
-            Command::Init(_) | Command::Certs(_) => anyhow::bail!("internal error: not an async command"),
+            Command::Init(_) | Command::Certs(_) | Command::Audit(_) => anyhow::bail!("internal error: not an async command"),
         }
         Ok(ExitCode::SUCCESS)
     })

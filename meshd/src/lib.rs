@@ -12,6 +12,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod audit;
 pub mod certs;
 pub mod cli;
 pub mod init;

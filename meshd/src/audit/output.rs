@@ -1,0 +1,214 @@
+//! The report in four formats: a table for people, JSON (header + one record per check × target),
+//! JUnit XML (kube-bench's CI format: one testcase per finding) and SARIF 2.1.0.
+
+use super::model::{Report, Status};
+
+/// The human table.
+pub fn table(r: &Report) -> String {
+    let h = &r.header;
+    let mut out = format!(
+        "meshd audit {} on node {} ({}), {}, {} ms\n\n",
+        h.meshd_version, h.node, h.data_dir, h.started, h.duration_ms
+    );
+    let tw = r
+        .findings
+        .iter()
+        .map(|f| f.target.chars().count())
+        .max()
+        .unwrap_or(6)
+        .clamp(6, 60);
+    out.push_str(&format!(
+        "{:<6} {:<7} {:<8} {:<tw$} OBSERVED\n",
+        "STATUS", "CHECK", "SEVERITY", "TARGET"
+    ));
+    for f in &r.findings {
+        let target: String = if f.target.chars().count() > tw {
+            let s: String = f.target.chars().take(tw - 1).collect();
+            format!("{s}…")
+        } else {
+            f.target.clone()
+        };
+        out.push_str(&format!(
+            "{:<6} {:<7} {:<8} {:<tw$} {}\n",
+            f.status.as_str(),
+            f.id,
+            f.severity.as_str(),
+            target,
+            f.observed
+        ));
+        if matches!(f.status, Status::Fail | Status::Warn) {
+            out.push_str(&format!(
+                "{:<23}{:<tw$}  expected: {}\n{:<23}{:<tw$}  fix: {}{}\n",
+                "",
+                "",
+                f.expected,
+                "",
+                "",
+                f.remediation,
+                f.cis.map(|c| format!(" (CIS {c})")).unwrap_or_default()
+            ));
+        }
+    }
+    let s = &r.summary;
+    out.push_str(&format!(
+        "\n{} checks: {} pass, {} fail, {} warn, {} skip, {} error; {} at or above --fail-on {}\n",
+        r.findings.len(),
+        s.pass,
+        s.fail,
+        s.warn,
+        s.skip,
+        s.error,
+        s.at_or_above_fail_on,
+        h.fail_on.as_str()
+    ));
+    if s.error > 0 {
+        out.push_str("the audit is INCOMPLETE: some checks could not run (ERROR rows)\n");
+    }
+    out
+}
+
+/// JSON.
+pub fn json(r: &Report) -> String {
+    serde_json::to_string_pretty(r).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+}
+
+fn xml(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '<' => o.push_str("&lt;"),
+            '>' => o.push_str("&gt;"),
+            '&' => o.push_str("&amp;"),
+            '"' => o.push_str("&quot;"),
+            '\'' => o.push_str("&apos;"),
+            c if (c as u32) < 0x20 && c != '\n' && c != '\t' => {}
+            c => o.push(c),
+        }
+    }
+    o
+}
+
+/// JUnit XML: one testsuite per section, one testcase per finding; FAIL/WARN are failures, ERROR
+/// errors, SKIP skipped.
+pub fn junit(r: &Report) -> String {
+    let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+    out.push_str(&format!(
+        "<testsuites name=\"meshd audit\" tests=\"{}\" failures=\"{}\" errors=\"{}\" skipped=\"{}\" time=\"{:.3}\">\n",
+        r.findings.len(),
+        r.summary.fail + r.summary.warn,
+        r.summary.error,
+        r.summary.skip,
+        r.header.duration_ms as f64 / 1000.0
+    ));
+    for section in ["tls", "config", "certs", "overlay"] {
+        let fs: Vec<_> = r.findings.iter().filter(|f| f.section == section).collect();
+        if fs.is_empty() {
+            continue;
+        }
+        let count = |st: Status| fs.iter().filter(|f| f.status == st).count();
+        out.push_str(&format!(
+            "  <testsuite name=\"{section}\" tests=\"{}\" failures=\"{}\" errors=\"{}\" skipped=\"{}\">\n",
+            fs.len(),
+            count(Status::Fail) + count(Status::Warn),
+            count(Status::Error),
+            count(Status::Skip)
+        ));
+        for f in fs {
+            out.push_str(&format!(
+                "    <testcase classname=\"{}\" name=\"{}\">\n",
+                xml(f.id),
+                xml(&format!("{} {}", f.title, f.target))
+            ));
+            let body = format!("observed: {}\nexpected: {}", f.observed, f.expected);
+            match f.status {
+                Status::Fail | Status::Warn => out.push_str(&format!(
+                    "      <failure type=\"{}\" message=\"{}\">{}\nremediation: {}</failure>\n",
+                    f.status.as_str(),
+                    xml(&format!("[{}] {}", f.severity.as_str(), f.observed)),
+                    xml(&body),
+                    xml(&f.remediation)
+                )),
+                Status::Error => out.push_str(&format!(
+                    "      <error message=\"{}\">{}</error>\n",
+                    xml(&f.observed),
+                    xml(&body)
+                )),
+                Status::Skip => out.push_str(&format!(
+                    "      <skipped message=\"{}\"/>\n",
+                    xml(&f.observed)
+                )),
+                Status::Pass => {
+                    out.push_str(&format!("      <system-out>{}</system-out>\n", xml(&body)))
+                }
+            }
+            out.push_str("    </testcase>\n");
+        }
+        out.push_str("  </testsuite>\n");
+    }
+    out.push_str("</testsuites>\n");
+    out
+}
+
+/// SARIF 2.1.0: one rule per check ID, one result per FAIL / WARN / ERROR finding.
+pub fn sarif(r: &Report) -> String {
+    use serde_json::json;
+    let mut ids: Vec<&super::model::Finding> = Vec::new();
+    for f in &r.findings {
+        if !ids.iter().any(|g| g.id == f.id) {
+            ids.push(f);
+        }
+    }
+    let rules: Vec<_> = ids
+        .iter()
+        .map(|f| {
+            json!({
+                "id": f.id,
+                "name": f.id.replace('-', ""),
+                "shortDescription": {"text": f.title},
+                "help": {"text": f.remediation},
+                "properties": {"section": f.section, "severity": f.severity, "cis": f.cis},
+            })
+        })
+        .collect();
+    let results: Vec<_> = r
+        .findings
+        .iter()
+        .filter(|f| matches!(f.status, Status::Fail | Status::Warn | Status::Error))
+        .map(|f| {
+            let level = match f.status {
+                Status::Fail if f.severity >= super::model::Severity::High => "error",
+                Status::Fail | Status::Error => "warning",
+                _ => "note",
+            };
+            json!({
+                "ruleId": f.id,
+                "level": level,
+                "message": {"text": format!("{}: {} (expected: {})", f.target, f.observed, f.expected)},
+                "locations": [{
+                    "physicalLocation": {"artifactLocation": {"uri": if f.target.starts_with('/') { format!("file://{}", f.target.split(' ').next().unwrap_or_default()) } else { format!("meshd://{}", f.target.replace(' ', "/")) }}},
+                    "logicalLocations": [{"name": f.target}],
+                }],
+                "properties": {"status": f.status, "severity": f.severity, "remediation": f.remediation},
+            })
+        })
+        .collect();
+    let doc = json!({
+        "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
+        "version": "2.1.0",
+        "runs": [{
+            "tool": {"driver": {
+                "name": "meshd audit",
+                "version": r.header.meshd_version,
+                "informationUri": "https://example.invalid/meshd",
+                "rules": rules,
+            }},
+            "invocations": [{
+                "executionSuccessful": r.summary.error == 0,
+                "startTimeUtc": r.header.started,
+                "properties": {"node": r.header.node, "data_dir": r.header.data_dir},
+            }],
+            "results": results,
+        }],
+    });
+    serde_json::to_string_pretty(&doc).unwrap_or_default()
+}
