@@ -143,6 +143,23 @@ pub struct RunArgs {
     /// Run without the WireGuard mesh (API and leases only).
     #[arg(long)]
     pub no_mesh: bool,
+    /// Serve Prometheus metrics (certificate expiry, peer handshakes, failed local audit checks)
+    /// on this address; `off` for none. Loopback by default: the endpoint has no authentication.
+    #[arg(long, default_value = "127.0.0.1:9641", value_parser = parse_metrics_listen)]
+    pub metrics_listen: MetricsListen,
+}
+
+/// `--metrics-listen`: an address, or `off`.
+#[derive(Clone, Debug)]
+pub struct MetricsListen(pub Option<std::net::SocketAddr>);
+
+fn parse_metrics_listen(s: &str) -> Result<MetricsListen, String> {
+    if s == "off" {
+        return Ok(MetricsListen(None));
+    }
+    s.parse()
+        .map(|a| MetricsListen(Some(a)))
+        .map_err(|e| format!("{s}: {e} (HOST:PORT or off)"))
 }
 
 /// `meshd token ...`
@@ -394,6 +411,7 @@ fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
                     cni_conf: Some(a.cni_conf.clone()),
                     cni_bridge: a.cni_bridge.clone(),
                 });
+                crate::metrics::spawn(a.metrics_listen.0, &a.dir.data_dir, (!a.no_mesh).then(|| a.wg_interface.clone()));
                 crate::run::run_control_plane(&a.dir.data_dir, a.listen, mesh, crate::run::shutdown_signal()).await?;
             }
             Command::Join(a) => {

@@ -20,6 +20,7 @@ pub mod join;
 pub mod leases;
 pub mod material;
 pub mod mesh;
+pub mod metrics;
 pub mod registry;
 pub mod run;
 pub mod settings;

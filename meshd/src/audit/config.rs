@@ -515,11 +515,10 @@ pub fn judge(c: &ComponentConfig, cluster_ca: Option<&Path>) -> Vec<Finding> {
             ));
             let m = missing(&["peer-cert-file", "peer-key-file", "peer-trusted-ca-file"]);
             let pcca = c.is_true("peer-client-cert-auth") == Some(true);
-            v.push(
-                CFG_04.finding(
-                    pf(m.is_empty() && pcca),
-                    &t,
-                    format!(
+            v.push(CFG_04.finding(
+                pf(m.is_empty() && pcca),
+                &t,
+                format!(
                         "{}--peer-client-cert-auth={}",
                         if m.is_empty() {
                             String::new()
@@ -529,9 +528,8 @@ pub fn judge(c: &ComponentConfig, cluster_ca: Option<&Path>) -> Vec<Finding> {
                         c.flag("peer-client-cert-auth")
                             .unwrap_or_else(|| "(unset)".into())
                     ),
-                    "peer cert/key/CA set and --peer-client-cert-auth=true",
-                ),
-            );
+                "peer cert/key/CA set and --peer-client-cert-auth=true",
+            ));
             let exp = "a CA of its own (fingerprint differs from the cluster CA)";
             v.push(
                 match (

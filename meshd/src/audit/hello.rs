@@ -264,6 +264,8 @@ pub enum Answer {
         suite: u16,
         /// Whether a CertificateRequest was seen in the first flight.
         cert_request: bool,
+        /// The Certificate message's chain (TLS ≤ 1.2 sends it in the clear), leaf first.
+        certs: Vec<Vec<u8>>,
     },
     /// A TLS alert (level, description).
     Alert(u8, u8),
@@ -323,6 +325,7 @@ pub fn parse_answer(buf: &[u8]) -> Result<Option<Answer>, String> {
     let mut i = 0;
     let mut hello: Option<(u16, u16)> = None;
     let mut cert_request = false;
+    let mut certs = Vec::new();
     while i + 4 <= hs.len() {
         let t = hs[i];
         if t == 0xff {
@@ -350,10 +353,12 @@ pub fn parse_answer(buf: &[u8]) -> Result<Option<Answer>, String> {
                         version: v,
                         suite,
                         cert_request: false,
+                        certs: Vec::new(),
                     }));
                 }
                 hello = Some((v, suite));
             }
+            11 => certs = parse_certificates(m),
             13 => cert_request = true,
             14 => {
                 // ServerHelloDone: the flight is complete
@@ -362,6 +367,7 @@ pub fn parse_answer(buf: &[u8]) -> Result<Option<Answer>, String> {
                         version,
                         suite,
                         cert_request,
+                        certs,
                     }));
                 }
             }
@@ -370,6 +376,25 @@ pub fn parse_answer(buf: &[u8]) -> Result<Option<Answer>, String> {
         i += 4 + l;
     }
     Ok(None)
+}
+
+/// The DER certificates of a Certificate message body (RFC 5246 §7.4.2).
+fn parse_certificates(m: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    if m.len() < 3 {
+        return out;
+    }
+    let total = u32::from_be_bytes([0, m[0], m[1], m[2]]) as usize;
+    let mut c = &m[3..m.len().min(3 + total)];
+    while c.len() >= 3 {
+        let l = u32::from_be_bytes([0, c[0], c[1], c[2]]) as usize;
+        if c.len() < 3 + l {
+            break;
+        }
+        out.push(c[3..3 + l].to_vec());
+        c = &c[3 + l..];
+    }
+    out
 }
 
 /// The supported_versions extension of a ServerHello (TLS 1.3), if present.
@@ -502,7 +527,8 @@ mod tests {
             Some(Answer::ServerHello {
                 version: 0x0303,
                 suite: 0xc013,
-                cert_request: true
+                cert_request: true,
+                certs: vec![]
             })
         );
         assert_eq!(

@@ -290,7 +290,7 @@ pub fn certificates(data_dir: &Path, now: SystemTime) -> Vec<Finding> {
 }
 
 /// The certificate PEM of a file: itself, or the client certificate a kubeconfig embeds or names.
-fn cert_text(text: &str, path: &Path) -> Result<String, String> {
+pub fn cert_text(text: &str, path: &Path) -> Result<String, String> {
     if text.contains("-----BEGIN CERTIFICATE-----") {
         return Ok(text.to_owned());
     }

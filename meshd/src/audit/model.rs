@@ -84,9 +84,18 @@ pub struct Finding {
     /// CIS Kubernetes Benchmark 1.8 ID, where one exists.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cis: Option<&'static str>,
+    /// Structured evidence (accepted versions and suites, client-auth mode...), for scripts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<serde_json::Value>,
 }
 
 impl Finding {
+    /// The finding with structured evidence attached.
+    pub fn with_evidence(mut self, v: serde_json::Value) -> Finding {
+        self.evidence = Some(v);
+        self
+    }
+
     /// The severity this finding counts with for `--fail-on`: its own for a FAIL, one level lower
     /// (at most medium) for a WARN, none for the rest.
     pub fn effective_severity(&self) -> Option<Severity> {
@@ -143,6 +152,7 @@ impl Check {
                 String::new()
             },
             cis: self.cis,
+            evidence: None,
         }
     }
 }

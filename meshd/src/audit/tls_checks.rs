@@ -101,29 +101,41 @@ pub fn judge(
         }
     }
     let exp = "TLSv1.2 and TLSv1.3 only";
-    v.push(if !accepted.is_empty() {
-        TLS_02.finding(
-            Status::Fail,
-            &t,
-            format!("accepts {}", accepted.join(", ")),
-            exp,
-        )
-    } else if !errors.is_empty() || p.legacy.is_empty() {
-        TLS_02.finding(Status::Error, &t, errors.join("; "), exp)
-    } else {
-        TLS_02.finding(Status::Pass, &t, "refuses SSLv3, TLSv1.0, TLSv1.1", exp)
+    let legacy_ev = serde_json::json!({
+        "accepted_versions": p.legacy.iter().filter(|(_, r)| matches!(r, Ok(Some(_)))).map(|(v, _)| v.name()).collect::<Vec<_>>(),
+        "refused_versions": p.legacy.iter().filter(|(_, r)| matches!(r, Ok(None))).map(|(v, _)| v.name()).collect::<Vec<_>>(),
     });
+    v.push(
+        if !accepted.is_empty() {
+            TLS_02.finding(
+                Status::Fail,
+                &t,
+                format!("accepts {}", accepted.join(", ")),
+                exp,
+            )
+        } else if !errors.is_empty() || p.legacy.is_empty() {
+            TLS_02.finding(Status::Error, &t, errors.join("; "), exp)
+        } else {
+            TLS_02.finding(Status::Pass, &t, "refuses SSLv3, TLSv1.0, TLSv1.1", exp)
+        }
+        .with_evidence(legacy_ev),
+    );
 
     // TLS-03
     let exp = "ECDHE key exchange with an AEAD cipher only";
-    v.push(match &p.weak_suites {
-        Ok(w) if !w.is_empty() => {
-            TLS_03.finding(Status::Fail, &t, format!("accepts {}", w.join(", ")), exp)
-        }
-        Ok(_) => TLS_03.finding(
-            Status::Pass,
-            &t,
-            format!(
+    let suites_ev = serde_json::json!({
+        "accepted_weak_suites_tls1_2": p.weak_suites.as_ref().ok(),
+        "negotiated": p.anonymous.negotiated.as_ref().map(|(v, s)| serde_json::json!({"version": v, "suite": s})),
+    });
+    v.push(
+        match &p.weak_suites {
+            Ok(w) if !w.is_empty() => {
+                TLS_03.finding(Status::Fail, &t, format!("accepts {}", w.join(", ")), exp)
+            }
+            Ok(_) => TLS_03.finding(
+                Status::Pass,
+                &t,
+                format!(
                 "refuses every CBC, 3DES, RC4, NULL, EXPORT, static-RSA and DHE suite at TLSv1.2{}",
                 p.anonymous
                     .negotiated
@@ -131,10 +143,12 @@ pub fn judge(
                     .map(|(ver, s)| format!("; negotiates {s} over {ver}"))
                     .unwrap_or_default()
             ),
-            exp,
-        ),
-        Err(e) => TLS_03.finding(Status::Error, &t, e.clone(), exp),
-    });
+                exp,
+            ),
+            Err(e) => TLS_03.finding(Status::Error, &t, e.clone(), exp),
+        }
+        .with_evidence(suites_ev),
+    );
 
     // TLS-04
     let mandated = ep.component.mtls_mandated();
@@ -145,41 +159,58 @@ pub fn judge(
     } else {
         "recorded (mTLS not mandated for this component)"
     };
-    v.push(match p.client_auth() {
-        Ok(ClientAuth::Required) => TLS_04.finding(
-            Status::Pass,
-            &t,
-            format!(
-                "client auth required ({})",
-                p.anonymous.rejected.clone().unwrap_or_default()
-            ),
-            exp,
-        ),
-        Ok(a) => {
-            let obs = match a {
-                ClientAuth::Optional => {
-                    format!(
-                        "{} client auth optional: a client without a certificate is served",
-                        ep.component.name()
-                    )
-                }
-                _ => format!("{} asks for no client certificate", ep.component.name()),
-            };
-            let st = if mandated {
-                Status::Fail
-            } else if ep.component == Component::MeshdApi && a == ClientAuth::Disabled {
-                Status::Fail
-            } else {
-                Status::Pass
-            };
-            TLS_04.finding(st, &t, obs, exp)
-        }
-        Err(e) => TLS_04.finding(Status::Error, &t, e, exp),
+    let auth_ev = serde_json::json!({
+        "client_auth": p.client_auth().ok().map(|a| match a {
+            ClientAuth::Disabled => "DISABLED",
+            ClientAuth::Optional => "OPTIONAL",
+            ClientAuth::Required => "REQUIRED",
+        }),
+        "certificate_requested": p.anonymous.cert_requested,
     });
+    v.push(
+        match p.client_auth() {
+            Ok(ClientAuth::Required) => TLS_04.finding(
+                Status::Pass,
+                &t,
+                format!(
+                    "client auth required ({})",
+                    p.anonymous.rejected.clone().unwrap_or_default()
+                ),
+                exp,
+            ),
+            Ok(a) => {
+                let obs = match a {
+                    ClientAuth::Optional => {
+                        format!(
+                            "{} client auth optional: a client without a certificate is served",
+                            ep.component.name()
+                        )
+                    }
+                    _ => format!("{} asks for no client certificate", ep.component.name()),
+                };
+                let st = if mandated {
+                    Status::Fail
+                } else if ep.component == Component::MeshdApi && a == ClientAuth::Disabled {
+                    Status::Fail
+                } else {
+                    Status::Pass
+                };
+                TLS_04.finding(st, &t, obs, exp)
+            }
+            Err(e) => TLS_04.finding(Status::Error, &t, e, exp),
+        }
+        .with_evidence(auth_ev),
+    );
 
     // TLS-05
     let exp = "a certificate from a foreign CA is refused";
     v.push(match (&p.foreign, p.client_auth()) {
+        (_, Err(e)) => TLS_05.finding(
+            Status::Error,
+            &t,
+            format!("cannot run without a working handshake: {e}"),
+            exp,
+        ),
         (_, Ok(ClientAuth::Disabled)) => TLS_05.finding(
             Status::Skip,
             &t,
@@ -205,7 +236,7 @@ pub fn judge(
     });
 
     // TLS-06 / 07 / 08 on the served leaf
-    let Some(leaf) = p.anonymous.chain.first() else {
+    let Some(leaf) = p.anonymous.chain.first().or(p.raw_chain.first()) else {
         let why = p
             .anonymous
             .error

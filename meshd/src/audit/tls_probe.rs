@@ -71,6 +71,9 @@ pub struct Probe {
     pub anonymous: Handshake,
     /// The handshake with a certificate from a throwaway foreign CA (`None` when not tried).
     pub foreign: Option<Handshake>,
+    /// The chain seen in the clear by a raw ClientHello (TLS ≤ 1.2), for servers rustls cannot
+    /// talk to (legacy versions only).
+    pub raw_chain: Vec<Vec<u8>>,
 }
 
 impl Probe {
@@ -99,13 +102,14 @@ pub async fn probe(
     timeout: Duration,
     foreign: Option<Arc<CertifiedKey>>,
 ) -> Probe {
-    let transport = transport(addr, host, timeout).await;
+    let (transport, mut raw_chain) = transport(addr, host, timeout).await;
     let mut p = Probe {
         transport: transport.clone(),
         legacy: Vec::new(),
         weak_suites: Err("not TLS".into()),
         anonymous: Handshake::default(),
         foreign: None,
+        raw_chain: Vec::new(),
     };
     if transport != Transport::Tls {
         return p;
@@ -113,7 +117,15 @@ pub async fn probe(
     for v in Version::LEGACY {
         let h = hello::client_hello(v, &hello::legacy_suites(), Some(host));
         let r = match hello::exchange(addr, &h, timeout).await {
-            Ok(Answer::ServerHello { version, suite, .. }) if version == v.wire() => {
+            Ok(Answer::ServerHello {
+                version,
+                suite,
+                certs,
+                ..
+            }) if version == v.wire() => {
+                if raw_chain.is_empty() {
+                    raw_chain = certs;
+                }
                 Ok(Some(hello::suite_name(suite)))
             }
             Ok(Answer::ServerHello { .. } | Answer::Alert(..) | Answer::Closed) => Ok(None),
@@ -122,6 +134,7 @@ pub async fn probe(
         };
         p.legacy.push((v, r));
     }
+    p.raw_chain = raw_chain;
     p.weak_suites = weak_suites(addr, host, timeout).await;
     p.anonymous = handshake(addr, host, timeout, None).await;
     if foreign.is_some() {
@@ -131,7 +144,16 @@ pub async fn probe(
 }
 
 /// TLS-01's question: a ClientHello first, then (when that got nothing) an HTTP request.
-async fn transport(addr: SocketAddr, host: &str, timeout: Duration) -> Transport {
+async fn transport(addr: SocketAddr, host: &str, timeout: Duration) -> (Transport, Vec<Vec<u8>>) {
+    let t = transport_inner(addr, host, timeout).await;
+    (t.0, t.1)
+}
+
+async fn transport_inner(
+    addr: SocketAddr,
+    host: &str,
+    timeout: Duration,
+) -> (Transport, Vec<Vec<u8>>) {
     let all: Vec<u16> = hello::SUITES
         .iter()
         .map(|s| s.code)
@@ -139,18 +161,20 @@ async fn transport(addr: SocketAddr, host: &str, timeout: Duration) -> Transport
         .collect();
     let h = hello::client_hello(Version::Tls12, &all, Some(host));
     let first = match hello::exchange(addr, &h, timeout).await {
-        Ok(Answer::ServerHello { .. } | Answer::Alert(..)) => return Transport::Tls,
-        Ok(Answer::NotTls(b)) => return classify_plain(&b),
+        Ok(Answer::ServerHello { certs, .. }) => return (Transport::Tls, certs),
+        Ok(Answer::Alert(..)) => return (Transport::Tls, Vec::new()),
+        Ok(Answer::NotTls(b)) => return (classify_plain(&b), Vec::new()),
         Ok(Answer::Closed) => "closed the connection on a ClientHello".to_string(),
-        Err(e) if e.contains("Connection refused") => return Transport::Refused(e),
+        Err(e) if e.contains("Connection refused") => return (Transport::Refused(e), Vec::new()),
         Err(e) => e,
     };
     // Silent or closed: ask in HTTP.
-    match http_probe(addr, host, timeout).await {
+    let t = match http_probe(addr, host, timeout).await {
         Ok(b) if !b.is_empty() => classify_plain(&b),
         Ok(_) => Transport::Unknown(format!("{first}; an HTTP request got no answer either")),
         Err(e) => Transport::Unknown(format!("{first}; HTTP request: {e}")),
-    }
+    };
+    (t, Vec::new())
 }
 
 fn classify_plain(b: &[u8]) -> Transport {
