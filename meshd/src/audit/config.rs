@@ -231,14 +231,12 @@ pub fn parse_static_pod(text: &str) -> Vec<Vec<String>> {
             t = r.trim_start();
             item_start = true;
         }
-        let key = if t.starts_with("command:") {
-            Some(("command", &t["command:".len()..]))
-        } else if t.starts_with("args:") {
-            Some(("args", &t["args:".len()..]))
+        let key = if let Some(r) = t.strip_prefix("command:") {
+            Some(("command", r))
         } else {
-            None
+            t.strip_prefix("args:").map(|r| ("args", r))
         };
-        if item_start && t.starts_with("name:") || (item_start && key.is_some()) {
+        if item_start && (t.starts_with("name:") || key.is_some()) {
             pods.push((Vec::new(), Vec::new()));
         }
         if let Some((k, rest)) = key {

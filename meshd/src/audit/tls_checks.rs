@@ -188,9 +188,9 @@ pub fn judge(
                     }
                     _ => format!("{} asks for no client certificate", ep.component.name()),
                 };
-                let st = if mandated {
-                    Status::Fail
-                } else if ep.component == Component::MeshdApi && a == ClientAuth::Disabled {
+                let st = if mandated
+                    || (ep.component == Component::MeshdApi && a == ClientAuth::Disabled)
+                {
                     Status::Fail
                 } else {
                     Status::Pass

@@ -218,7 +218,11 @@ async fn weak_suites(
     for _ in 0..hello::SUITES.len() {
         let h = hello::client_hello(Version::Tls12, &offered, Some(host));
         match hello::exchange(addr, &h, timeout).await? {
-            Answer::ServerHello { version, suite, .. } if version == 0x0303 => {
+            Answer::ServerHello {
+                version: 0x0303,
+                suite,
+                ..
+            } => {
                 let Some(i) = offered.iter().position(|c| *c == suite) else {
                     return Err(format!(
                         "the server chose suite 0x{suite:04x}, which was not offered"
