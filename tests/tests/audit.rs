@@ -980,3 +980,238 @@ fn rendered_etcd_with_peer_auto_tls_fires_cfg03() {
     let out = run(Command::new(meshd_bin()).args(["audit", "--data-dir", &dd, "--output", "xml"]));
     assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
 }
+
+/// A node of the mesh fixture.
+struct MeshNode {
+    name: String,
+    ns: Ns,
+    dir: PathBuf,
+    ifname: String,
+    run: Option<ChildGuard>,
+}
+
+impl MeshNode {
+    fn data(&self) -> String {
+        s(&self.dir.join("data")).to_owned()
+    }
+
+    /// `meshd run` with the mesh; waits until the interface and subnet.env exist.
+    fn start(&mut self) {
+        let log = self.dir.join("run.log");
+        let mut g = self.ns.spawn(
+            &format!("meshd run on {}", self.name),
+            Command::new(meshd_bin())
+                .args([
+                    "run",
+                    "--data-dir",
+                    &self.data(),
+                    "--wg-interface",
+                    &self.ifname,
+                ])
+                .arg("--subnet-env")
+                .arg(self.dir.join("subnet.env"))
+                .arg("--cni-conf")
+                .arg(self.dir.join("10-meshd.conflist"))
+                .args(["--metrics-listen", "off"]),
+            &log,
+        );
+        let (ns, ifname, env) = (
+            self.ns.name.clone(),
+            self.ifname.clone(),
+            self.dir.join("subnet.env"),
+        );
+        let up = wait_for(Duration::from_secs(30), || {
+            if !g.alive() {
+                return Some(false);
+            }
+            let link = run(Command::new("ip").args(["-n", &ns, "link", "show", &ifname]))
+                .status
+                .success();
+            (link && env.exists()).then_some(true)
+        });
+        assert_eq!(
+            up,
+            Some(true),
+            "meshd run on {} did not get ready:\n{}",
+            self.name,
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        self.run = Some(g);
+    }
+}
+
+impl Drop for MeshNode {
+    fn drop(&mut self) {
+        self.run.take();
+        let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.ifname));
+    }
+}
+
+#[test]
+fn a_missing_peer_and_a_tunnel_bypass_route_fire_net01_and_net04() {
+    if !prerequisites() {
+        return;
+    }
+    assert!(
+        Path::new("/dev/net/tun").exists(),
+        "the mesh test needs /dev/net/tun"
+    );
+    require_tool("wg", "wireguard-tools");
+    let root = tempdir("meshd-audit-mesh-");
+    let ul = Ns::new("ul");
+    ok(Command::new("ip").args(["-n", &ul.name, "link", "add", "br0", "type", "bridge"]));
+    ok(Command::new("ip").args(["-n", &ul.name, "link", "set", "br0", "up"]));
+    let tag = format!(
+        "{}{}",
+        std::process::id() % 10000,
+        SEQ.fetch_add(1, Ordering::SeqCst)
+    );
+    let mut nodes: Vec<MeshNode> = Vec::new();
+    for (i, name) in ["cp", "n1", "n2"].iter().enumerate() {
+        let ns = Ns::new(name);
+        let ul_if = format!("au{tag}u{i}");
+        ok(Command::new("ip").args([
+            "-n", &ul.name, "link", "add", &ul_if, "type", "veth", "peer", "name", "eth0", "netns",
+            &ns.name,
+        ]));
+        ok(Command::new("ip").args(["-n", &ul.name, "link", "set", &ul_if, "master", "br0", "up"]));
+        ok(Command::new("ip").args([
+            "-n",
+            &ns.name,
+            "address",
+            "add",
+            &format!("10.231.0.{}/24", i + 1),
+            "dev",
+            "eth0",
+        ]));
+        ok(Command::new("ip").args(["-n", &ns.name, "link", "set", "eth0", "up"]));
+        let dir = root.path().join(name);
+        std::fs::create_dir_all(&dir).expect("node dir");
+        nodes.push(MeshNode {
+            name: name.to_string(),
+            ns,
+            dir,
+            ifname: format!("au{tag}{name}"),
+            run: None,
+        });
+    }
+    // The control plane, then two nodes joined and running.
+    let cp_data = nodes[0].data();
+    ok(Command::new(meshd_bin()).args([
+        "init",
+        "--data-dir",
+        &cp_data,
+        "--node-name",
+        "cp",
+        "--advertise-address",
+        "10.231.0.1",
+        "--api-port",
+        "7443",
+    ]));
+    nodes[0].start();
+    let tok: Value = serde_json::from_str(&nodes[0].ns.meshd_ok(&[
+        "token",
+        "create",
+        "--data-dir",
+        &cp_data,
+        "--uses",
+        "2",
+        "--output",
+        "json",
+    ]))
+    .expect("token json");
+    for (i, n) in nodes.iter_mut().enumerate().skip(1) {
+        n.ns.meshd_ok(&[
+            "join",
+            "--data-dir",
+            &n.data(),
+            "--server",
+            "10.231.0.1:7443",
+            "--token",
+            tok["token"].as_str().expect("token"),
+            "--ca-hash",
+            tok["ca_hash"].as_str().expect("ca_hash"),
+            "--node-name",
+            &n.name.clone(),
+            "--advertise-address",
+            &format!("10.231.0.{}", i + 1),
+        ]);
+        n.start();
+    }
+    let registry: Vec<Value> = serde_json::from_str(&nodes[0].ns.meshd_ok(&[
+        "node",
+        "list",
+        "--data-dir",
+        &cp_data,
+        "--output",
+        "json",
+    ]))
+    .expect("node list");
+    let field = |name: &str, k: &str| -> String {
+        registry
+            .iter()
+            .find(|n| n["name"] == name)
+            .and_then(|n| n[k].as_str())
+            .unwrap_or_else(|| panic!("{name}.{k} in {registry:?}"))
+            .to_owned()
+    };
+    let n1 = &nodes[1];
+    let peers = wait_for(Duration::from_secs(20), || {
+        let out = ok(n1.ns.cmd("wg").args(["show", &n1.ifname, "peers"]));
+        (out.lines().count() == 2).then_some(out)
+    });
+    assert!(peers.is_some(), "n1 never had its 2 peers");
+    let n1_data = n1.data();
+    let args = [
+        "--data-dir",
+        n1_data.as_str(),
+        "--wg-interface",
+        n1.ifname.as_str(),
+        "--no-processes",
+    ];
+
+    // Clean: the peer set, AllowedIPs and routes match the registry.
+    let (code, r, out) = audit(Some(&n1.ns), &args);
+    assert_eq!(code, 0, "{out}");
+    expect(&r, "NET-01", &n1.ifname, "PASS");
+    for peer in ["cp", "n2"] {
+        expect(&r, "NET-03", &format!("peer {peer}"), "PASS");
+        expect(&r, "NET-04", &format!("({peer})"), "PASS");
+    }
+    expect(&r, "NET-06", &n1.ifname, "PASS");
+    expect(&r, "TLS-06", "cp/meshd-api 10.231.0.1:7443", "PASS");
+
+    // A route to the control plane's pod subnet that bypasses the tunnel.
+    let cp_subnet = field("cp", "subnet");
+    ok(Command::new("ip").args(["-n", &n1.ns.name, "route", "add", &cp_subnet, "dev", "eth0"]));
+    let (code, r, out) = audit(Some(&n1.ns), &args);
+    assert_eq!(code, 1, "{out}");
+    let f = expect(&r, "NET-04", &format!("route to {cp_subnet} (cp)"), "FAIL");
+    assert!(
+        f["observed"].as_str().unwrap_or("").contains("via eth0"),
+        "{f}"
+    );
+    expect(&r, "NET-04", "(n2)", "PASS");
+    expect(&r, "NET-01", &n1.ifname, "PASS");
+    ok(Command::new("ip").args(["-n", &n1.ns.name, "route", "del", &cp_subnet, "dev", "eth0"]));
+
+    // n2 missing from n1's peer set.
+    let n2_key = field("n2", "wireguard_public_key");
+    ok(n1
+        .ns
+        .cmd("wg")
+        .args(["set", &n1.ifname, "peer", &n2_key, "remove"]));
+    let (code, r, out) = audit(Some(&n1.ns), &args);
+    assert_eq!(code, 1, "{out}");
+    let f = expect(&r, "NET-01", &n1.ifname, "FAIL");
+    assert!(
+        f["observed"]
+            .as_str()
+            .unwrap_or("")
+            .contains(&format!("missing from the peer set: n2 ({n2_key})")),
+        "{f}"
+    );
+    expect(&r, "NET-04", "(cp)", "PASS");
+    drop(nodes);
+    drop(ul);
+}
