@@ -524,12 +524,13 @@ fn plaintext_http(ns: &Ns, addr: &'static str) {
 }
 
 fn sslyze_bin() -> PathBuf {
-    let p = std::env::var_os("MESHD_SSLYZE")
+    let venv = std::env::var_os("MESHD_SSLYZE_VENV")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/opt/meshd-sslyze/bin/sslyze"));
+        .unwrap_or_else(|| PathBuf::from("/opt/meshd-sslyze"));
+    let p = venv.join("bin/sslyze");
     assert!(
         p.exists(),
-        "{} not found: deploy/install-deps.sh installs sslyze from PyPI into /opt/meshd-sslyze (or set MESHD_SSLYZE)",
+        "{} not found: deploy/install-deps.sh installs sslyze from PyPI into /opt/meshd-sslyze (or set MESHD_SSLYZE_VENV)",
         p.display()
     );
     p
@@ -1057,6 +1058,7 @@ fn a_missing_peer_and_a_tunnel_bypass_route_fire_net01_and_net04() {
         "the mesh test needs /dev/net/tun"
     );
     require_tool("wg", "wireguard-tools");
+    require_tool("tcpdump", "tcpdump");
     let root = tempdir("meshd-audit-mesh-");
     let ul = Ns::new("ul");
     ok(Command::new("ip").args(["-n", &ul.name, "link", "add", "br0", "type", "bridge"]));
@@ -1179,11 +1181,22 @@ fn a_missing_peer_and_a_tunnel_bypass_route_fire_net01_and_net04() {
         expect(&r, "NET-04", &format!("({peer})"), "PASS");
     }
     expect(&r, "NET-06", &n1.ifname, "PASS");
+    expect(&r, "NET-05", &n1.ifname, "PASS");
     expect(&r, "TLS-06", "cp/meshd-api 10.231.0.1:7443", "PASS");
 
     // A route to the control plane's pod subnet that bypasses the tunnel.
     let cp_subnet = field("cp", "subnet");
-    ok(Command::new("ip").args(["-n", &n1.ns.name, "route", "add", &cp_subnet, "dev", "eth0"]));
+    ok(Command::new("ip").args([
+        "-n",
+        &n1.ns.name,
+        "route",
+        "add",
+        &cp_subnet,
+        "via",
+        "10.231.0.1",
+        "dev",
+        "eth0",
+    ]));
     let (code, r, out) = audit(Some(&n1.ns), &args);
     assert_eq!(code, 1, "{out}");
     let f = expect(&r, "NET-04", &format!("route to {cp_subnet} (cp)"), "FAIL");
@@ -1193,7 +1206,25 @@ fn a_missing_peer_and_a_tunnel_bypass_route_fire_net01_and_net04() {
     );
     expect(&r, "NET-04", "(n2)", "PASS");
     expect(&r, "NET-01", &n1.ifname, "PASS");
-    ok(Command::new("ip").args(["-n", &n1.ns.name, "route", "del", &cp_subnet, "dev", "eth0"]));
+    let f = expect(&r, "NET-05", &n1.ifname, "FAIL");
+    assert!(
+        f["observed"]
+            .as_str()
+            .unwrap_or("")
+            .contains("crossed eth0 in clear"),
+        "{f}"
+    );
+    ok(Command::new("ip").args([
+        "-n",
+        &n1.ns.name,
+        "route",
+        "del",
+        &cp_subnet,
+        "via",
+        "10.231.0.1",
+        "dev",
+        "eth0",
+    ]));
 
     // n2 missing from n1's peer set.
     let n2_key = field("n2", "wireguard_public_key");

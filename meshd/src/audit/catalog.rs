@@ -257,3 +257,32 @@ check!(
     "WireGuard key 0600; interface up, addressed, MTU consistent",
     "chmod 600 the key; restart meshd run"
 );
+check!(
+    CRT_04,
+    "CRT-04",
+    "certs",
+    High,
+    None,
+    "identity fits the role (CN, O)",
+    "reissue it with the role's identity (meshd init reissues drifted leaves)"
+);
+check!(
+    CRT_05,
+    "CRT-05",
+    "certs",
+    High,
+    None,
+    "SAN scope: serving SANs within the node's own names and addresses",
+    "reissue it with the node's own names and addresses only"
+);
+check!(
+    CRT_10,
+    "CRT-10",
+    "certs",
+    High,
+    None,
+    "no private key shared; no duplicate serial under one CA",
+    "reissue one of them with a fresh key (each node makes its own keys)"
+);
+check!(NET_07, "NET-07", "overlay", Medium, None, "host-to-host traffic encrypted, or declared out of scope",
+    "carry host-to-host traffic over TLS (the TLS-xx checks) or route node addresses through the tunnel");

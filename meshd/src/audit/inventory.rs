@@ -53,6 +53,7 @@ pub fn certificates(data_dir: &Path, now: SystemTime) -> Vec<Finding> {
     let mut v = Vec::new();
     let mut ca_ends: Vec<(String, SystemTime)> = Vec::new();
     let mut leaves: Vec<(String, String, SystemTime)> = Vec::new();
+    let mut keys: Vec<(String, String, String, String)> = Vec::new();
     for r in &rows {
         let t = format!("{} {}", r.name, r.path.display());
         let has = |p: &str| {
@@ -90,6 +91,12 @@ pub fn certificates(data_dir: &Path, now: SystemTime) -> Vec<Finding> {
             ca_ends.push((r.name.clone(), info.not_after));
         } else {
             leaves.push((t.clone(), r.ca.clone(), info.not_after));
+            keys.push((
+                t.clone(),
+                r.ca.clone(),
+                info.spki_sha256.clone(),
+                info.serial.clone(),
+            ));
         }
         // CRT-01
         let life = info.lifetime();
@@ -196,8 +203,69 @@ pub fn certificates(data_dir: &Path, now: SystemTime) -> Vec<Finding> {
             },
             format!("signed by {}", r.ca),
         ));
+        // CRT-04 (identity), CRT-05 (SAN scope), CRT-07 (usage): the inventory's profile for the
+        // role, as `certs check` compares it.
+        let drift: Vec<String> = has("differs from the settings: ")
+            .iter()
+            .flat_map(|p| {
+                p.trim_start_matches("differs from the settings: ")
+                    .split("; ")
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let part = |pre: &[&str]| -> Vec<String> {
+            drift
+                .iter()
+                .filter(|d| pre.iter().any(|p| d.starts_with(p)))
+                .cloned()
+                .collect()
+        };
+        if !r.is_ca {
+            let id = part(&["CN ", "O "]);
+            v.push(CRT_04.finding(
+                if id.is_empty() {
+                    Status::Pass
+                } else {
+                    Status::Fail
+                },
+                &t,
+                if id.is_empty() {
+                    format!(
+                        "CN {:?} O {:?}",
+                        info.common_name.as_deref().unwrap_or(""),
+                        info.organizations
+                    )
+                } else {
+                    id.join("; ")
+                },
+                "the identity of its role",
+            ));
+            let sans = part(&["DNS SANs", "IP SANs"]);
+            v.push(CRT_05.finding(
+                if sans.is_empty() {
+                    Status::Pass
+                } else {
+                    Status::Fail
+                },
+                &t,
+                if sans.is_empty() {
+                    format!(
+                        "DNS {:?} IP {:?}",
+                        info.dns_names,
+                        info.ip_addresses
+                            .iter()
+                            .map(|i| i.to_string())
+                            .collect::<Vec<_>>()
+                    )
+                } else {
+                    sans.join("; ")
+                },
+                "SANs within the node's own names and addresses",
+            ));
+        }
         // CRT-07
-        let mut usage = has("differs from the settings");
+        let mut usage = part(&["usage "]);
         usage.extend(has("not a CA"));
         if !r.is_ca && info.is_ca {
             usage.push("a leaf with CA:TRUE".into());
@@ -253,6 +321,44 @@ pub fn certificates(data_dir: &Path, now: SystemTime) -> Vec<Finding> {
                 )
             });
         }
+    }
+    // CRT-10: no key shared between certificates (of this node: each node's keys are made on it),
+    // no serial used twice under one CA.
+    let mut shared = Vec::new();
+    for (i, a) in keys.iter().enumerate() {
+        for b in &keys[i + 1..] {
+            if a.2 == b.2 {
+                shared.push(format!(
+                    "{} and {} share a key (SPKI sha256 {})",
+                    a.0, b.0, a.2
+                ));
+            }
+            if a.1 == b.1 && a.3 == b.3 {
+                shared.push(format!(
+                    "{} and {} share serial {} under {}",
+                    a.0, b.0, a.3, a.1
+                ));
+            }
+        }
+    }
+    if !keys.is_empty() {
+        v.push(CRT_10.finding(
+            if shared.is_empty() {
+                Status::Pass
+            } else {
+                Status::Fail
+            },
+            data_dir.display().to_string(),
+            if shared.is_empty() {
+                format!(
+                    "{} leaves: distinct keys, distinct serials per CA",
+                    keys.len()
+                )
+            } else {
+                shared.join("; ")
+            },
+            "a key of its own per certificate; unique serials per CA",
+        ));
     }
     // CRT-09: the CA outlives its leaves.
     for (name, ca_end) in &ca_ends {
