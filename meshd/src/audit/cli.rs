@@ -53,6 +53,10 @@ pub struct AuditArgs {
     /// Per-endpoint timeout of each probe (e.g. 3s, 500ms).
     #[arg(long, default_value = "3s")]
     pub timeout: String,
+    /// Table: list every PASS row (by default the passing certificate and configuration rows are
+    /// folded into one per check).
+    #[arg(long, short)]
+    pub verbose: bool,
     /// How many endpoints are probed at once.
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
@@ -124,7 +128,7 @@ pub fn run(a: AuditArgs) -> anyhow::Result<ExitCode> {
         .build()?;
     let report = rt.block_on(super::run(&o));
     let text = match a.output {
-        Format::Table => super::output::table(&report),
+        Format::Table => super::output::table(&report, a.verbose),
         Format::Json => super::output::json(&report) + "\n",
         Format::Junit => super::output::junit(&report),
         Format::Sarif => super::output::sarif(&report) + "\n",

@@ -3,8 +3,9 @@
 
 use super::model::{Report, Status};
 
-/// The human table.
-pub fn table(r: &Report) -> String {
+/// The human table. Unless `verbose`, the PASS rows of the certificate and configuration checks
+/// are folded into one row per check (the JSON report always holds every row).
+pub fn table(r: &Report, verbose: bool) -> String {
     let h = &r.header;
     let mut out = format!(
         "meshd audit {} on node {} ({}), {}, {} ms\n\n",
@@ -21,7 +22,36 @@ pub fn table(r: &Report) -> String {
         "{:<6} {:<7} {:<8} {:<tw$} OBSERVED\n",
         "STATUS", "CHECK", "SEVERITY", "TARGET"
     ));
+    let mut folded: Vec<(usize, super::model::Finding)> = Vec::new();
+    let mut rows: Vec<super::model::Finding> = Vec::new();
     for f in &r.findings {
+        if !verbose && f.status == Status::Pass && matches!(f.section, "certs" | "config") {
+            if let Some((n, _)) = folded.iter_mut().find(|(_, g)| g.id == f.id) {
+                *n += 1;
+                continue;
+            }
+            folded.push((1, f.clone()));
+            continue;
+        }
+        rows.push(f.clone());
+    }
+    for (n, mut g) in folded {
+        if n > 1 {
+            g.target = format!("{n} files");
+            g.observed = format!("all pass (first: {}); --verbose lists each", g.observed);
+        }
+        rows.push(g);
+    }
+    let order = |s: &str| match s {
+        "tls" => 0,
+        "config" => 1,
+        "certs" => 2,
+        _ => 3,
+    };
+    rows.sort_by(|a, b| {
+        (order(a.section), a.id, &a.target).cmp(&(order(b.section), b.id, &b.target))
+    });
+    for f in &rows {
         let target: String = if f.target.chars().count() > tw {
             let s: String = f.target.chars().take(tw - 1).collect();
             format!("{s}…")

@@ -24,7 +24,7 @@ pub fn judge(data_dir: &Path, me: &str, ifname: &str, nodes: &[NodeRecord]) -> V
             "no WireGuard device {ifname} on this node ({} absent: meshd run --no-mesh, or another --wg-interface)",
             sock.display()
         );
-        for c in [NET_01, NET_02, NET_03, NET_04, NET_05, NET_06] {
+        for c in [NET_01, NET_02, NET_03, NET_04, NET_05, NET_06, NET_07] {
             v.push(c.finding(Status::Skip, &t, why.clone(), "a running mesh"));
         }
         return v;
