@@ -1175,6 +1175,11 @@ fn a_missing_peer_and_a_tunnel_bypass_route_fire_net01_and_net04() {
     // Clean: the peer set, AllowedIPs and routes match the registry.
     let (code, r, out) = audit(Some(&n1.ns), &args);
     assert_eq!(code, 0, "{out}");
+    eprintln!(
+        "audit of n1 in a 3-node mesh: {} ms, {} findings",
+        r["header"]["duration_ms"],
+        r["findings"].as_array().map_or(0, Vec::len)
+    );
     expect(&r, "NET-01", &n1.ifname, "PASS");
     for peer in ["cp", "n2"] {
         expect(&r, "NET-03", &format!("peer {peer}"), "PASS");
