@@ -375,6 +375,21 @@ fn a_clean_control_plane_and_joined_node_audit_clean() {
         .unwrap_or_else(|| panic!("no x509_cert_not_after for apiserver.crt:\n{m}"));
     assert!(line.ends_with(&format!(" {want}")), "{line} vs {want}");
     assert!(m.contains("meshd_audit_checks{status=\"FAIL\"} 0"), "{m}");
+
+    // A failed local check shows in the metrics.
+    let key = cp.join("pki/front-proxy-client.key");
+    ok(Command::new("chmod").args(["0640", s(&key)]));
+    let m = http_get(&ns, "127.0.0.1:9641", "/metrics");
+    assert!(
+        m.lines().any(
+            |l| l.starts_with("meshd_audit_check_failed{check=\"CFG-14\"")
+                && l.contains("front-proxy-client")
+                && l.ends_with(" 1")
+        ),
+        "{m}"
+    );
+    // (certs check refuses to read the open key too: CRT-08 fails beside CFG-14)
+    assert!(!m.contains("meshd_audit_checks{status=\"FAIL\"} 0"), "{m}");
 }
 
 /// Writes a key and a certificate for 127.0.0.1-style servers with openssl: signed by `ca` (cert,
@@ -1013,7 +1028,7 @@ impl MeshNode {
                 .arg(self.dir.join("subnet.env"))
                 .arg("--cni-conf")
                 .arg(self.dir.join("10-meshd.conflist"))
-                .args(["--metrics-listen", "off"]),
+                .args(["--metrics-listen", "127.0.0.1:9641"]),
             &log,
         );
         let (ns, ifname, env) = (
@@ -1188,6 +1203,35 @@ fn a_missing_peer_and_a_tunnel_bypass_route_fire_net01_and_net04() {
     expect(&r, "NET-06", &n1.ifname, "PASS");
     expect(&r, "NET-05", &n1.ifname, "PASS");
     expect(&r, "TLS-06", "cp/meshd-api 10.231.0.1:7443", "PASS");
+
+    // The daemon's metrics: one latest-handshake timestamp per peer, as `wg show` reads it.
+    let hs = |n: &MeshNode| {
+        ok(n.ns
+            .cmd("wg")
+            .args(["show", &n.ifname, "latest-handshakes"]))
+    };
+    let before = hs(n1);
+    let m = http_get(&n1.ns, "127.0.0.1:9641", "/metrics");
+    let after = hs(n1);
+    assert!(m.starts_with("HTTP/1.1 200"), "{m}");
+    for peer in ["cp", "n2"] {
+        let key = field(peer, "wireguard_public_key");
+        let line = m
+            .lines()
+            .find(|l| {
+                l.starts_with("wireguard_latest_handshake_seconds{")
+                    && l.contains(&format!("public_key=\"{key}\""))
+                    && l.contains(&format!("interface=\"{}\"", n1.ifname))
+            })
+            .unwrap_or_else(|| panic!("no handshake metric for {peer}:\n{m}"));
+        if before == after {
+            let ts = before
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{key}\t")))
+                .unwrap_or_else(|| panic!("wg show: {before}"));
+            assert!(line.ends_with(&format!(" {ts}")), "{line} vs wg show {ts}");
+        }
+    }
 
     // A route to the control plane's pod subnet that bypasses the tunnel.
     let cp_subnet = field("cp", "subnet");
