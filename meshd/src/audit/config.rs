@@ -738,6 +738,16 @@ fn anonymous(_c: &ComponentConfig, t: &str, v: Option<String>) -> Finding {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        #[test]
+        fn parsers_never_panic(t in "(\\PC|\n|\\\\|\"|'| |-){0,300}") {
+            let _ = split_words(&t);
+            let _ = parse_systemd_unit(&format!("ExecStart={t}"));
+            let _ = parse_static_pod(&t);
+            let _ = flatten_yaml(&t);
+        }
+    }
+
     #[test]
     fn systemd_continuations() {
         let u = "[Unit]\nDescription=etcd\n[Service]\nExecStart=/usr/bin/etcd --name cp1 \\\n  --cert-file=/p/server.crt \\\n  --peer-auto-tls\nRestart=always\n";

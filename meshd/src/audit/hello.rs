@@ -480,6 +480,19 @@ fn is_reset(e: &std::io::Error) -> bool {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        #[test]
+        fn parse_answer_never_panics(b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
+            let _ = parse_answer(&b);
+            let mut rec = vec![0x16, 3, 3];
+            rec.extend_from_slice(&b);
+            let _ = parse_answer(&rec);
+            let mut hs = vec![0x16, 3, 3, (b.len() >> 8) as u8, b.len() as u8, 2];
+            hs.extend_from_slice(&b);
+            let _ = parse_answer(&hs);
+        }
+    }
+
     #[test]
     fn hello_lengths_are_consistent() {
         for v in [

@@ -242,3 +242,98 @@ pub fn sarif(r: &Report) -> String {
     });
     serde_json::to_string_pretty(&doc).unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::catalog::{CRT_01, TLS_01, TLS_03};
+    use crate::audit::model::{Header, Report, Severity};
+
+    fn report(fail_on: Severity, findings: Vec<crate::audit::model::Finding>) -> Report {
+        Report::new(
+            Header {
+                meshd_version: "0",
+                format_version: 1,
+                node: "cp1".into(),
+                data_dir: "/d".into(),
+                started: "2026-01-01T00:00:00Z".into(),
+                duration_ms: 5,
+                fail_on,
+            },
+            findings,
+        )
+    }
+
+    #[test]
+    fn exit_codes() {
+        let pass = TLS_01.finding(Status::Pass, "a", "tls", "tls");
+        let err = TLS_01.finding(Status::Error, "b", "timeout", "tls");
+        let fail_medium = crate::audit::catalog::TLS_08.finding(Status::Fail, "c", "x", "y");
+        assert_eq!(report(Severity::High, vec![pass.clone()]).exit_code(), 0);
+        assert_eq!(
+            report(Severity::High, vec![pass.clone(), err.clone()]).exit_code(),
+            3
+        );
+        assert_eq!(
+            report(Severity::High, vec![fail_medium.clone()]).exit_code(),
+            0
+        );
+        assert_eq!(
+            report(Severity::Medium, vec![fail_medium.clone()]).exit_code(),
+            1
+        );
+        assert_eq!(
+            report(Severity::Medium, vec![fail_medium, err]).exit_code(),
+            1
+        );
+        // A WARN counts one level lower: a high check's WARN is medium.
+        let warn = CRT_01.finding(Status::Warn, "d", "expires in 20d", "30d");
+        assert_eq!(report(Severity::High, vec![warn.clone()]).exit_code(), 0);
+        assert_eq!(report(Severity::Medium, vec![warn]).exit_code(), 1);
+    }
+
+    #[test]
+    fn junit_and_sarif() {
+        let r = report(
+            Severity::High,
+            vec![
+                TLS_03.finding(
+                    Status::Fail,
+                    "n/etcd 1.2.3.4:2379",
+                    "accepts <CBC> & \"3DES\"",
+                    "AEAD",
+                ),
+                TLS_01.finding(Status::Pass, "n/etcd 1.2.3.4:2379", "tls", "tls"),
+                TLS_01.finding(Status::Skip, "n/kubelet 1.2.3.4:10250", "refused", "tls"),
+            ],
+        );
+        let j = junit(&r);
+        assert!(
+            j.contains("tests=\"3\" failures=\"1\" errors=\"0\" skipped=\"1\""),
+            "{j}"
+        );
+        assert!(
+            j.contains("accepts &lt;CBC&gt; &amp; &quot;3DES&quot;"),
+            "{j}"
+        );
+        assert!(!j.contains("<CBC>"));
+        let s: serde_json::Value = serde_json::from_str(&sarif(&r)).unwrap();
+        assert_eq!(s["version"], "2.1.0");
+        let results = s["runs"][0]["results"].as_array().unwrap();
+        assert_eq!(results.len(), 1);
+        assert_eq!(results[0]["ruleId"], "TLS-03");
+        assert_eq!(results[0]["level"], "error");
+        assert_eq!(
+            s["runs"][0]["tool"]["driver"]["rules"]
+                .as_array()
+                .unwrap()
+                .len(),
+            2
+        );
+        let t = table(&r, false);
+        assert!(
+            t.contains("FAIL   TLS-03") && t.contains("fix: restrict"),
+            "{t}"
+        );
+    }
+}
