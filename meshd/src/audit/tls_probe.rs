@@ -74,6 +74,8 @@ pub struct Probe {
     /// The chain seen in the clear by a raw ClientHello (TLS ≤ 1.2), for servers rustls cannot
     /// talk to (legacy versions only).
     pub raw_chain: Vec<Vec<u8>>,
+    /// Whether a raw (TLS ≤ 1.2) first flight held a CertificateRequest (`None`: no raw flight).
+    pub raw_cert_request: Option<bool>,
 }
 
 impl Probe {
@@ -87,6 +89,9 @@ impl Probe {
             (false, None) => Ok(ClientAuth::Disabled),
             (true, None) => Ok(ClientAuth::Optional),
             (true, Some(_)) => Ok(ClientAuth::Required),
+            // rustls could not talk to it (a legacy-only server), but a raw first flight showed
+            // no CertificateRequest: the server never asks.
+            (false, Some(_)) if self.raw_cert_request == Some(false) => Ok(ClientAuth::Disabled),
             (false, Some(r)) => Err(format!(
                 "the handshake failed without a certificate request: {r}"
             )),
@@ -110,6 +115,7 @@ pub async fn probe(
         anonymous: Handshake::default(),
         foreign: None,
         raw_chain: Vec::new(),
+        raw_cert_request: None,
     };
     if transport != Transport::Tls {
         return p;
@@ -121,11 +127,12 @@ pub async fn probe(
                 version,
                 suite,
                 certs,
-                ..
+                cert_request,
             }) if version == v.wire() => {
                 if raw_chain.is_empty() {
                     raw_chain = certs;
                 }
+                p.raw_cert_request = Some(p.raw_cert_request.unwrap_or(false) || cert_request);
                 Ok(Some(hello::suite_name(suite)))
             }
             Ok(Answer::ServerHello { .. } | Answer::Alert(..) | Answer::Closed) => Ok(None),
