@@ -152,9 +152,23 @@ pub async fn run(o: &Options) -> Report {
     let nodes2 = nodes.clone();
     let me2 = me.clone();
     let registry_ok = o.registry && !nodes.is_empty();
+    let no_registry = !o.registry;
     let net = tokio::task::spawn_blocking(move || {
         if registry_ok {
             overlay::judge(&dd, &me2, &ifname, &nodes2)
+        } else if no_registry {
+            use catalog::*;
+            [NET_01, NET_02, NET_03, NET_04, NET_05, NET_06, NET_07]
+                .iter()
+                .map(|c| {
+                    c.finding(
+                        Status::Skip,
+                        format!("{me2}/{ifname}"),
+                        "--no-registry: the overlay is judged against the registry",
+                        "the registry's nodes",
+                    )
+                })
+                .collect()
         } else {
             Vec::new()
         }
