@@ -13,6 +13,8 @@
 #                           that wire pods from meshd's conflist (the lab, the mesh tests)
 #   jq                      deploy/lab.sh reads meshd's JSON and chains the CNI plugins with it
 #   nftables                the mesh tests: a NAT (masquerade) in front of a node, routers that drop ICMP
+#   python3 python3-venv    a venv for sslyze (PyPI, in /opt/meshd-sslyze, apart from the system's
+#                           packages): the audit tests compare meshd audit's verdicts with it
 set -euo pipefail
 need=()
 command -v openssl >/dev/null || need+=(openssl)
@@ -28,6 +30,8 @@ command -v ip >/dev/null || need+=(iproute2)
 [ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)
 command -v jq >/dev/null || need+=(jq)
 command -v nft >/dev/null || need+=(nftables)
+command -v python3 >/dev/null || need+=(python3)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ "${MESHD_BENCH_DEPS:-0}" = 1 ]; then
   command -v cfssl >/dev/null || need+=(golang-cfssl)
   command -v wireguard-go >/dev/null || need+=(wireguard-go)
@@ -42,4 +46,11 @@ if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+# sslyze from PyPI in its own venv (only PyPI is needed; nothing else is fetched).
+SSLYZE_VENV=${MESHD_SSLYZE_VENV:-/opt/meshd-sslyze}
+if [ ! -x "$SSLYZE_VENV/bin/sslyze" ]; then
+  echo "installing sslyze into $SSLYZE_VENV"
+  python3 -m venv "$SSLYZE_VENV"
+  "$SSLYZE_VENV/bin/pip" install --quiet --disable-pip-version-check 'sslyze==6.*'
 fi

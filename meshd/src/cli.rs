@@ -107,6 +107,10 @@ pub enum Command {
     /// Helpers for the crash tests (hidden).
     #[command(subcommand, hide = true)]
     Debug(DebugCommand),
+    /// TLS audit of the cluster: live handshakes with every known endpoint, component
+    /// configuration, certificate inventory and the overlay. Exit 0 clean, 1 findings at or above
+    /// --fail-on, 2 usage error, 3 incomplete.
+    Audit(Box<crate::audit::cli::AuditArgs>),
     /// This node's mesh: registered nodes and subnets, and the WireGuard peers with their latest
     /// handshake and transfer counters; the Kubernetes components `meshd run` supervises, with
     /// their logs.
@@ -165,6 +169,23 @@ pub struct RunArgs {
     /// Run without the WireGuard mesh (API and leases only).
     #[arg(long)]
     pub no_mesh: bool,
+    /// Serve Prometheus metrics (certificate expiry, peer handshakes, failed local audit checks)
+    /// on this address; `off` for none. Loopback by default: the endpoint has no authentication.
+    #[arg(long, default_value = "127.0.0.1:9641", value_parser = parse_metrics_listen)]
+    pub metrics_listen: MetricsListen,
+}
+
+/// `--metrics-listen`: an address, or `off`.
+#[derive(Clone, Debug)]
+pub struct MetricsListen(pub Option<std::net::SocketAddr>);
+
+fn parse_metrics_listen(s: &str) -> Result<MetricsListen, String> {
+    if s == "off" {
+        return Ok(MetricsListen(None));
+    }
+    s.parse()
+        .map(|a| MetricsListen(Some(a)))
+        .map_err(|e| format!("{s}: {e} (HOST:PORT or off)"))
 }
 
 /// `meshd rotate` options.
@@ -455,6 +476,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Debug(cmd) => run_debug(cmd),
+        Command::Audit(a) => crate::audit::cli::run(*a),
         other => run_async(other),
     }
 }
@@ -517,6 +539,7 @@ fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
                     cni_conf: Some(a.cni_conf.clone()),
                     cni_bridge: a.cni_bridge.clone(),
                 });
+                crate::metrics::spawn(a.metrics_listen.0, &a.dir.data_dir, (!a.no_mesh).then(|| a.wg_interface.clone()));
                 crate::run::run_control_plane(&a.dir.data_dir, a.listen, mesh, crate::run::shutdown_signal()).await?;
             }
             Command::Join(a) => {
@@ -636,7 +659,7 @@ fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
                 st?;
             }
             Command::Rotate(a) => return rotate_command(a).await,
-            Command::Init(_) | Command::Certs(_) | Command::Render { .. } | Command::Debug(_) => anyhow::bail!("internal error: not an async command"),
+            Command::Init(_) | Command::Certs(_) | Command::Render { .. } | Command::Debug(_) | Command::Audit(_) => anyhow::bail!("internal error: not an async command"),
         }
         Ok(ExitCode::SUCCESS)
     })

@@ -16,6 +16,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod audit;
 pub mod certs;
 pub mod cli;
 pub mod components;
@@ -25,6 +26,7 @@ pub mod join;
 pub mod leases;
 pub mod material;
 pub mod mesh;
+pub mod metrics;
 pub mod recover;
 pub mod registry;
 pub mod rejoin;
