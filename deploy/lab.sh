@@ -261,6 +261,11 @@ The lab is up: $(echo $nodes | wc -w) nodes, logs and data in $LAB. Try:
   ip netns exec $(ns_of "$n1") $MESHD status --data-dir $LAB/$n1/data --wg-interface $(if_of "$n1")
   # what crosses the underlay: only UDP to port 51820 (and TLS to the API on :$API_PORT)
   ip netns exec $UL tcpdump -n -i any -c 10 udp
+  # the TLS coverage report: live handshakes, certificates, the overlay (exit 0 = clean)
+  ip netns exec $(ns_of cp) $MESHD audit --data-dir $LAB/cp/data --wg-interface $(if_of cp)
+  # what rotation would renew now (nothing for ~60 days), and a forced renewal of one node's bundle
+  ip netns exec $(ns_of cp) $MESHD rotate --data-dir $LAB/cp/data --dry-run
+  ip netns exec $(ns_of "$n1") $MESHD rotate --data-dir $LAB/$n1/data --force all
   deploy/lab.sh status
   deploy/lab.sh down
 
