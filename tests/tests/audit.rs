@@ -324,8 +324,18 @@ fn a_clean_control_plane_and_joined_node_audit_clean() {
         "127.0.0.2",
     ]);
 
-    // Processes are read too: the supervised etcd's command line from /proc (the audit reads only
-    // the processes of its own network namespace, so other tests' components are not judged here).
+    // Processes are read too: the supervised etcd's command line from /proc. The audit reads only
+    // the processes of its own network namespace: an "etcd" outside it (a copy of sleep, which
+    // would fail every etcd CFG check) and other tests' components are not judged here.
+    let fake_etcd = root.path().join("bin/etcd");
+    std::fs::create_dir_all(root.path().join("bin")).expect("bin dir");
+    std::fs::copy("/bin/sleep", &fake_etcd).expect("copy sleep");
+    let outside = ChildGuard::spawn(
+        "fake etcd",
+        Command::new(&fake_etcd).arg("600"),
+        &root.path().join("fake-etcd.log"),
+    );
+    let outside_pid = outside.child.id();
     let (code, r, out) = audit(Some(&ns), &["--data-dir", s(&cp)]);
     assert_eq!(code, 0, "{out}");
     assert!(
@@ -364,6 +374,11 @@ fn a_clean_control_plane_and_joined_node_audit_clean() {
         })
         .collect();
     assert!(others.is_empty(), "{others:?}");
+    assert!(
+        findings(&r, "CFG-01", &format!("etcd (pid {outside_pid})")).is_empty(),
+        "the etcd outside the namespace was judged"
+    );
+    drop(outside);
     // The meshd API asks for a certificate (optional: joins authenticate by token).
     let f = expect(&r, "TLS-04", "meshd-api", "PASS");
     assert_eq!(f["evidence"]["client_auth"], "OPTIONAL");
