@@ -1031,14 +1031,22 @@ fn a_joined_node_renders_kubelet_and_kube_proxy_from_its_own_files() {
             .then_some(true)
     });
     assert_eq!(up, Some(true), "meshd run did not serve:\n{}", read(&log));
-    let st: serde_json::Value = serde_json::from_str(&meshd_ok(&[
-        "status",
-        "--data-dir",
-        path_str(c),
-        "--output",
-        "json",
-    ]))
-    .expect("status json");
+    // The components' status file may be written just after the API listens: wait for it.
+    let status = || -> serde_json::Value {
+        serde_json::from_str(&meshd_ok(&[
+            "status",
+            "--data-dir",
+            path_str(c),
+            "--output",
+            "json",
+        ]))
+        .expect("status json")
+    };
+    let st = wait_for(WAIT, || {
+        let st = status();
+        (!st["components"].is_null()).then_some(st)
+    })
+    .unwrap_or_else(|| panic!("meshd status never showed the components: {}", status()));
     assert_eq!(st["components"]["supervised"], false, "{st}");
     assert!(
         st["components"]["note"]
