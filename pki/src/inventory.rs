@@ -504,6 +504,24 @@ pub fn control_plane_entries(s: &ClusterSettings) -> Result<Vec<Entry>> {
             profile: client("system:kube-scheduler", &[]),
             output: kubeconfig_ref("scheduler.conf", "pki/scheduler-client-current.pem"),
         },
+        // The controller-manager's and the scheduler's serving certificates (10257, 10259): without
+        // `--tls-cert-file` they make a self-signed one at start, which no client can verify. They
+        // bind 127.0.0.1, so the names are the loopback ones and the node name.
+        Entry {
+            id: "controller-manager-serving",
+            signer: CaId::Cluster,
+            profile: loopback_server("kube-controller-manager", &node, loopbacks[0]),
+            output: pair(
+                "pki/controller-manager-server.crt",
+                "pki/controller-manager-server.key",
+            ),
+        },
+        Entry {
+            id: "scheduler-serving",
+            signer: CaId::Cluster,
+            profile: loopback_server("kube-scheduler", &node, loopbacks[0]),
+            output: pair("pki/scheduler-server.crt", "pki/scheduler-server.key"),
+        },
     ];
     v.extend(kubelet_entries(&node, &[adv]));
     v.extend([
@@ -539,6 +557,18 @@ pub fn control_plane_entries(s: &ClusterSettings) -> Result<Vec<Entry>> {
         },
     ]);
     Ok(v)
+}
+
+/// A serving profile for a component bound to the loopback: DNS `localhost` and the node name, IP
+/// `loopback`.
+fn loopback_server(cn: &str, node: &str, loopback: IpAddr) -> LeafProfile {
+    LeafProfile {
+        common_name: cn.into(),
+        organizations: vec![],
+        dns_names: vec!["localhost".into(), node.to_string()],
+        ip_addresses: vec![loopback],
+        usage: Usage::Server,
+    }
 }
 
 fn bad_ip() -> PkiError {
@@ -674,6 +704,8 @@ mod tests {
             "super-admin.conf",
             "controller-manager.conf",
             "scheduler.conf",
+            "controller-manager-serving",
+            "scheduler-serving",
             "kubelet.conf",
             "kubelet-serving",
             "kube-proxy.conf",
@@ -684,6 +716,40 @@ mod tests {
         sorted.sort();
         sorted.dedup();
         assert_eq!(sorted.len(), ids.len(), "ids are unique");
+    }
+
+    #[test]
+    fn controller_manager_and_scheduler_serve_ca_signed_loopback_certificates() {
+        let e = control_plane_entries(&settings()).unwrap();
+        for (id, cn, cert) in [
+            (
+                "controller-manager-serving",
+                "kube-controller-manager",
+                "pki/controller-manager-server.crt",
+            ),
+            (
+                "scheduler-serving",
+                "kube-scheduler",
+                "pki/scheduler-server.crt",
+            ),
+        ] {
+            let x = e.iter().find(|x| x.id == id).unwrap();
+            assert_eq!(x.signer, CaId::Cluster);
+            assert_eq!(x.profile.common_name, cn);
+            assert_eq!(x.profile.usage, Usage::Server);
+            assert_eq!(x.profile.dns_names, vec!["localhost", "cp1"]);
+            let ips: Vec<String> = x
+                .profile
+                .ip_addresses
+                .iter()
+                .map(|i| i.to_string())
+                .collect();
+            assert_eq!(ips, vec!["127.0.0.1"]);
+            let Output::Pair(l) = &x.output else {
+                panic!("{id} is a pair")
+            };
+            assert_eq!(l.cert.as_deref(), Some(std::path::Path::new(cert)));
+        }
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! `meshd audit` end to end, every fixture real: a meshd control plane and a joined node, real etcd
-//! servers (plaintext, TLS without client-cert auth, full mTLS), `openssl s_server` with legacy
+//! `meshd audit` end to end, every fixture real: a meshd control plane supervising a real etcd and a
+//! joined node, real etcd servers (plaintext, TLS without client-cert auth, full mTLS), `openssl s_server` with legacy
 //! versions, CBC suites, a self-signed and a SAN-less certificate, a plaintext HTTP listener on
 //! 10255, a dead port, a broken data directory, rendered etcd configuration, and a WireGuard mesh of
 //! three namespaces with a peer removed and a bypass route. Each runs in its own network namespace,
@@ -275,7 +275,29 @@ fn a_clean_control_plane_and_joined_node_audit_clean() {
     let root = tempdir("meshd-audit-clean-");
     let cp = root.path().join("cp");
     init_cp(&cp);
+    // meshd run supervises a real etcd with the flags meshd renders (the namespace's 2379/2380).
+    std::fs::write(
+        cp.join("components.json"),
+        r#"{"supervise": ["etcd"], "backoff_initial_ms": 200, "probe_interval_secs": 1}"#,
+    )
+    .expect("components.json");
     let _run = run_cp(&ns, &cp, &root.path().join("run.log"));
+    let status = cp.join("components/status.json");
+    let etcd_pid = wait_for(Duration::from_secs(60), || {
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&status).ok()?).ok()?;
+        let e = v["components"]
+            .as_array()?
+            .iter()
+            .find(|c| c["name"] == "etcd")?;
+        (e["state"] == "running" && e["healthy"] == true).then(|| e["pid"].as_u64())?
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the supervised etcd did not become healthy: {}\netcd log:\n{}",
+            std::fs::read_to_string(&status).unwrap_or_default(),
+            std::fs::read_to_string(cp.join("components/etcd/etcd.log")).unwrap_or_default()
+        )
+    });
     let tok: Value = serde_json::from_str(&ns.meshd_ok(&[
         "token",
         "create",
@@ -302,7 +324,19 @@ fn a_clean_control_plane_and_joined_node_audit_clean() {
         "127.0.0.2",
     ]);
 
-    let (code, r, out) = audit(Some(&ns), &["--data-dir", s(&cp), "--no-processes"]);
+    // Processes are read too: the supervised etcd's command line from /proc. The audit reads only
+    // the processes of its own network namespace: an "etcd" outside it (a copy of sleep, which
+    // would fail every etcd CFG check) and other tests' components are not judged here.
+    let fake_etcd = root.path().join("bin/etcd");
+    std::fs::create_dir_all(root.path().join("bin")).expect("bin dir");
+    std::fs::copy("/bin/sleep", &fake_etcd).expect("copy sleep");
+    let outside = ChildGuard::spawn(
+        "fake etcd",
+        Command::new(&fake_etcd).arg("600"),
+        &root.path().join("fake-etcd.log"),
+    );
+    let outside_pid = outside.child.id();
+    let (code, r, out) = audit(Some(&ns), &["--data-dir", s(&cp)]);
     assert_eq!(code, 0, "{out}");
     assert!(
         statuses(&r, "FAIL").is_empty(),
@@ -320,7 +354,31 @@ fn a_clean_control_plane_and_joined_node_audit_clean() {
         "TLS-01", "TLS-02", "TLS-03", "TLS-04", "TLS-05", "TLS-06", "TLS-07", "TLS-08",
     ] {
         expect(&r, id, "cp1/meshd-api 127.0.0.1:7443", "PASS");
+        // The supervised etcd, live: client and peer ports.
+        expect(&r, id, "cp1/etcd 127.0.0.1:2379", "PASS");
+        expect(&r, id, "cp1/etcd-peer 127.0.0.1:2380", "PASS");
     }
+    // Its running command line passes every etcd CFG check.
+    let etcd_target = format!("etcd (pid {etcd_pid})");
+    for id in ["CFG-01", "CFG-02", "CFG-03", "CFG-04", "CFG-05"] {
+        expect(&r, id, &etcd_target, "PASS");
+    }
+    // Only this namespace's etcd was read.
+    let others: Vec<&Value> = r["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .filter(|f| {
+            let t = f["target"].as_str().unwrap_or("");
+            t.starts_with("etcd (pid ") && t != etcd_target
+        })
+        .collect();
+    assert!(others.is_empty(), "{others:?}");
+    assert!(
+        findings(&r, "CFG-01", &format!("etcd (pid {outside_pid})")).is_empty(),
+        "the etcd outside the namespace was judged"
+    );
+    drop(outside);
     // The meshd API asks for a certificate (optional: joins authenticate by token).
     let f = expect(&r, "TLS-04", "meshd-api", "PASS");
     assert_eq!(f["evidence"]["client_auth"], "OPTIONAL");
@@ -374,8 +432,8 @@ fn a_clean_control_plane_and_joined_node_audit_clean() {
         })
         .unwrap_or_else(|| panic!("no x509_cert_not_after for apiserver.crt:\n{m}"));
     assert!(line.ends_with(&format!(" {want}")), "{line} vs {want}");
-    // (the metrics also judge every running component of the machine, other tests' included: only
-    // this data directory's rows are ours to check)
+    // (the metrics also judge the running components of the namespace, the supervised etcd: only
+    // this data directory's rows are checked here)
     let ours = |m: &str| -> Vec<String> {
         m.lines()
             .filter(|l| l.starts_with("meshd_audit_check_failed{") && l.contains(s(&cp)))

@@ -514,6 +514,89 @@ fn signed_by(cert: &Path, ca: &Path) -> bool {
     )
 }
 
+/// `meshd audit --config-dir <dir> --no-processes --no-registry` on data directory `d`, JSON: asserts
+/// exit 0, no FAIL/WARN/ERROR, and that every CFG check in `want` PASSes on every component of
+/// `dir` that it applies to. Returns the report.
+fn audit_rendered(d: &Path, dir: &Path, want: &[(&str, &str)]) -> serde_json::Value {
+    let out = run(Command::new(meshd_bin()).args([
+        "audit",
+        "--data-dir",
+        path_str(d),
+        "--config-dir",
+        path_str(dir),
+        "--no-processes",
+        "--no-registry",
+        "--output",
+        "json",
+    ]));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let r: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!(
+            "audit of {}: not JSON ({e}): {text}\n{}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let findings = r["findings"].as_array().expect("findings");
+    let bad: Vec<String> = findings
+        .iter()
+        .filter(|f| !matches!(f["status"].as_str(), Some("PASS") | Some("SKIP")))
+        .map(|f| {
+            format!(
+                "{} {} {}: {}",
+                f["status"], f["id"], f["target"], f["observed"]
+            )
+        })
+        .collect();
+    assert!(bad.is_empty(), "audit of {}: {bad:#?}", dir.display());
+    // The NET checks are skipped (--no-registry); nothing else may be.
+    let skipped: Vec<String> = findings
+        .iter()
+        .filter(|f| f["status"] == "SKIP" && !f["id"].as_str().unwrap_or("").starts_with("NET-"))
+        .map(|f| format!("{} {}: {}", f["id"], f["target"], f["observed"]))
+        .collect();
+    assert!(
+        skipped.is_empty(),
+        "audit of {}: {skipped:#?}",
+        dir.display()
+    );
+    assert_eq!(out.status.code(), Some(0), "audit of {}", dir.display());
+    for (id, component) in want {
+        let hit = findings.iter().any(|f| {
+            f["id"] == *id
+                && f["status"] == "PASS"
+                && f["target"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with(&format!("{component} ("))
+                && f["target"].as_str().unwrap_or("").contains(path_str(dir))
+        });
+        assert!(hit, "{id} did not PASS on {component} of {}", dir.display());
+    }
+    r
+}
+
+/// The CFG checks a control plane's rendered configuration must pass, per component.
+const CP_CFG: [(&str, &str); 17] = [
+    ("CFG-01", "etcd"),
+    ("CFG-02", "etcd"),
+    ("CFG-03", "etcd"),
+    ("CFG-04", "etcd"),
+    ("CFG-05", "etcd"),
+    ("CFG-06", "kube-apiserver"),
+    ("CFG-07", "kube-apiserver"),
+    ("CFG-08", "kube-apiserver"),
+    ("CFG-09", "kube-apiserver"),
+    ("CFG-10", "kube-apiserver"),
+    ("CFG-11", "kube-apiserver"),
+    ("CFG-09", "kubelet"),
+    ("CFG-10", "kubelet"),
+    ("CFG-11", "kubelet"),
+    ("CFG-12", "kubelet"),
+    ("CFG-13", "kube-controller-manager"),
+    ("CFG-13", "kube-scheduler"),
+];
+
 #[test]
 fn rendered_units_and_static_pods_use_real_flags_existing_files_and_pass_cfg_checks() {
     require_tool("openssl", "openssl");
@@ -859,9 +942,42 @@ fn rendered_units_and_static_pods_use_real_flags_existing_files_and_pass_cfg_che
         yaml_value(&proxy_yaml, "metricsBindAddress").as_deref(),
         Some("127.0.0.1:10249")
     );
+    // The controller-manager and the scheduler serve the inventory's CA-signed pairs, not a
+    // certificate they make themselves (TLS-06 of a live probe).
+    for (c, pair) in [
+        ("kube-controller-manager", "controller-manager-server"),
+        ("kube-scheduler", "scheduler-server"),
+    ] {
+        let cert = d.join(format!("pki/{pair}.crt"));
+        assert_eq!(all[c]["tls-cert-file"], path_str(&cert), "{c}");
+        assert_eq!(
+            all[c]["tls-private-key-file"],
+            path_str(&d.join(format!("pki/{pair}.key"))),
+            "{c}"
+        );
+        let v = run(Command::new("openssl").args([
+            "verify",
+            "-CAfile",
+            path_str(&ca),
+            "-purpose",
+            "sslserver",
+            "-verify_ip",
+            "127.0.0.1",
+            path_str(&cert),
+        ]));
+        assert!(
+            v.status.success(),
+            "{c}: {}",
+            String::from_utf8_lossy(&v.stdout)
+        );
+    }
     // openssl agrees that the kubelet serving certificate chains to the cluster CA.
     let v = run(Command::new("openssl").args(["verify", "-CAfile", path_str(&ca), &tls_cert]));
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+
+    // meshd's own audit agrees: every CFG check passes on both forms, exit 0.
+    audit_rendered(d, &units, &CP_CFG);
+    audit_rendered(d, &pods, &CP_CFG);
 }
 
 #[test]
@@ -915,14 +1031,22 @@ fn a_joined_node_renders_kubelet_and_kube_proxy_from_its_own_files() {
             .then_some(true)
     });
     assert_eq!(up, Some(true), "meshd run did not serve:\n{}", read(&log));
-    let st: serde_json::Value = serde_json::from_str(&meshd_ok(&[
-        "status",
-        "--data-dir",
-        path_str(c),
-        "--output",
-        "json",
-    ]))
-    .expect("status json");
+    // The components' status file may be written just after the API listens: wait for it.
+    let status = || -> serde_json::Value {
+        serde_json::from_str(&meshd_ok(&[
+            "status",
+            "--data-dir",
+            path_str(c),
+            "--output",
+            "json",
+        ]))
+        .expect("status json")
+    };
+    let st = wait_for(WAIT, || {
+        let st = status();
+        (!st["components"].is_null()).then_some(st)
+    })
+    .unwrap_or_else(|| panic!("meshd status never showed the components: {}", status()));
     assert_eq!(st["components"]["supervised"], false, "{st}");
     assert!(
         st["components"]["note"]
@@ -1017,6 +1141,27 @@ fn a_joined_node_renders_kubelet_and_kube_proxy_from_its_own_files() {
         cert_der(&n.join("pki/ca.crt")),
         cert_der(&c.join("pki/ca.crt"))
     );
+
+    // meshd's own audit of the node's rendered units (and its static-pods form: kube-proxy's
+    // manifest and kubelet's unit) passes every kubelet CFG check, exit 0.
+    let kubelet_cfg = [
+        ("CFG-09", "kubelet"),
+        ("CFG-10", "kubelet"),
+        ("CFG-11", "kubelet"),
+        ("CFG-12", "kubelet"),
+    ];
+    audit_rendered(&n, &out, &kubelet_cfg);
+    let pods = node.path().join("pods");
+    meshd_ok(&[
+        "render",
+        "--data-dir",
+        path_str(&n),
+        "--format",
+        "static-pods",
+        "--out",
+        path_str(&pods),
+    ]);
+    audit_rendered(&n, &pods, &kubelet_cfg);
 }
 
 /// Starts `meshd run --no-mesh` on `d` with its output in `d/<log>`.

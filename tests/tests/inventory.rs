@@ -417,6 +417,31 @@ fn inventory() -> Vec<Row> {
             &[],
             Client,
         ),
+        // Serving pairs of the controller-manager (10257) and the scheduler (10259), bound to
+        // 127.0.0.1: CA-signed instead of the self-signed ones they would make.
+        Row::new(
+            "controller-manager-serving",
+            Src::Pair(
+                "pki/controller-manager-server.crt",
+                "pki/controller-manager-server.key",
+            ),
+            Cluster,
+            "kube-controller-manager",
+            &[],
+            Server,
+        )
+        .dns(&["localhost", NODE])
+        .ips(&["127.0.0.1"]),
+        Row::new(
+            "scheduler-serving",
+            Src::Pair("pki/scheduler-server.crt", "pki/scheduler-server.key"),
+            Cluster,
+            "kube-scheduler",
+            &[],
+            Server,
+        )
+        .dns(&["localhost", NODE])
+        .ips(&["127.0.0.1"]),
         Row::new(
             "kubelet.conf",
             Src::Referenced {

@@ -528,8 +528,8 @@ fn overlapping_runs_lock_and_dry_run_changes_nothing() {
     let dir = root.path().join("cp");
     init_30s(&dir, free_port());
     let d = path_str(&dir).to_owned();
-    // The 18 leaves of a control plane; the three CAs are never rotated by `meshd rotate`.
-    let leaves = 18;
+    // The 20 leaves of a control plane; the three CAs are never rotated by `meshd rotate`.
+    let leaves = 20;
     let cas = ["ca", "etcd-ca", "front-proxy-ca"];
     let leaf_versions = |dir: &Path| {
         let mut v = versions(dir);

@@ -403,12 +403,17 @@ pub fn read_dir(dir: &Path) -> (Vec<ComponentConfig>, Vec<(PathBuf, String)>) {
     (configs, errors)
 }
 
-/// The components running on this machine, from `/proc/*/cmdline`.
+/// The components running on this node, from `/proc/*/cmdline`: the processes in the audit's own
+/// network namespace (a node's components share the host's network namespace, static pods included
+/// with `hostNetwork: true`; a process in another namespace serves another network, e.g. another
+/// node of a namespace lab, and its configuration is audited there). Where the namespace of a
+/// process cannot be read, it is included.
 pub fn running() -> Vec<ComponentConfig> {
     let mut out = Vec::new();
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return out;
     };
+    let own_net = std::fs::read_link("/proc/self/ns/net").ok();
     for e in rd.flatten() {
         let name = e.file_name();
         let Some(pid) = name
@@ -417,6 +422,11 @@ pub fn running() -> Vec<ComponentConfig> {
         else {
             continue;
         };
+        if let (Some(own), Ok(net)) = (&own_net, std::fs::read_link(e.path().join("ns/net"))) {
+            if &net != own {
+                continue;
+            }
+        }
         let Ok(raw) = std::fs::read(e.path().join("cmdline")) else {
             continue;
         };

@@ -85,6 +85,8 @@ impl Component {
             Component::EtcdPeer => Some("pki/etcd/peer.crt"),
             Component::Apiserver => Some("pki/apiserver.crt"),
             Component::Kubelet => Some("kubelet/pki/kubelet.crt"),
+            Component::ControllerManager => Some("pki/controller-manager-server.crt"),
+            Component::Scheduler => Some("pki/scheduler-server.crt"),
             Component::MeshdApi => Some("pki/meshd/api-server.crt"),
             _ => None,
         }

@@ -686,76 +686,21 @@ fn spawn_process(
         .with_context(|| format!("{}: cannot execute", bin.display()))
 }
 
-/// A server verifier that accepts any certificate but still checks the handshake signatures: for
-/// the controller-manager and scheduler's self-made serving certificates on 127.0.0.1 only.
-#[derive(Debug)]
-struct DangerousAnyServerCert(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for DangerousAnyServerCert {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &rustls_pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
-        _server_name: &rustls_pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls_pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls_pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls_pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 /// The TLS client configuration of probe `p`: its CA (files read on every probe, so a renewed
 /// client certificate is used at once) and client pair.
 fn probe_tls(p: &HttpsProbe) -> Result<rustls::ClientConfig, String> {
     let provider = crate::tls::provider();
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
-    let builder = match &p.ca {
-        Some(ca) => {
-            let pem = pki::store::read_text(ca).map_err(|e| e.to_string())?;
-            let mut roots = rustls::RootCertStore::empty();
-            for c in crate::tls::certs_from_pem("CA", &pem).map_err(|e| e.to_string())? {
-                roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
-            }
-            builder.with_root_certificates(roots)
-        }
-        None => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(DangerousAnyServerCert(provider))),
-    };
+    let pem = pki::store::read_text(&p.ca).map_err(|e| e.to_string())?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in crate::tls::certs_from_pem("CA", &pem).map_err(|e| e.to_string())? {
+        roots
+            .add(c)
+            .map_err(|e| format!("{}: {e}", p.ca.display()))?;
+    }
+    let builder = builder.with_root_certificates(roots);
     match &p.client {
         Some((cert, key)) => {
             let cert_pem = pki::store::read_text(cert).map_err(|e| e.to_string())?;

@@ -165,7 +165,9 @@ pub fn static_pod(ctx: &RenderContext, r: &Rendered) -> String {
         command.push_str(&format!("    - {}\n", q(a)));
     }
     let probe = match &r.health {
-        Health::Https(p) if p.ca.is_none() => format!(
+        // The kubelet's HTTPS probes present no client certificate: an httpGet only where none is
+        // needed (the controller-manager's and scheduler's /healthz); a TCP check otherwise.
+        Health::Https(p) if p.client.is_none() => format!(
             "    livenessProbe:\n      httpGet:\n        host: {}\n        path: {}\n        port: {}\n        scheme: HTTPS\n      initialDelaySeconds: 10\n      periodSeconds: 10\n      failureThreshold: 8\n",
             q(&p.addr.ip().to_string()),
             q(&p.path),

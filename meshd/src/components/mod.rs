@@ -120,7 +120,8 @@ pub enum RotationAction {
     /// Restart it: it reads the file only at start.
     Restart,
     /// Nothing: it re-reads the file by itself (etcd loads its serving and peer pair on every new
-    /// connection).
+    /// connection; the Kubernetes control-plane components their serving pair, see
+    /// [`rotation_targets`]).
     Reloads,
 }
 
@@ -129,16 +130,31 @@ pub enum RotationAction {
 ///
 /// etcd reloads its serving and peer certificates on every new TLS connection but not its trusted CA
 /// (etcd-io/etcd#11555, `cert-inventory.md`): a new etcd CA needs a restart.
+///
+/// kube-apiserver, kube-controller-manager and kube-scheduler serve through k8s.io/apiserver's
+/// `SecureServingOptions`, which wraps `--tls-cert-file`/`--tls-private-key-file` in a
+/// `dynamiccertificates.DynamicCertKeyPairContent`: since Kubernetes 1.17 the serving pair is re-read
+/// when the files change and at least every minute ("Kube-apiserver now reloads serving certificates
+/// from disk every minute to allow rotation without restarting the server process",
+/// kubernetes/kubernetes#84200, CHANGELOG-1.17; client-CA bundles likewise, #83579). So their serving
+/// renewals (`apiserver`, `controller-manager-serving`, `scheduler-serving`) need no restart; meshd
+/// renews at about 2/3 of the lifetime, far more than a minute before the old pair expires (with the
+/// default 90-day lifetime; a lifetime under a few minutes, a test setting, could outrun the
+/// one-minute re-read). The apiserver's client pairs (kubelet, etcd, front-proxy) and every
+/// kubeconfig are kept as restarts: they are not read through that mechanism in every supported
+/// version, and a CA change restarts everything that trusts it.
 pub fn rotation_targets(id: &str) -> Vec<(Component, RotationAction)> {
     use Component::*;
     use RotationAction::*;
     match id {
         "etcd-server" | "etcd-peer" => vec![(Etcd, Reloads)],
         "etcd-ca" => vec![(Etcd, Restart), (KubeApiserver, Restart)],
-        "apiserver"
-        | "apiserver-kubelet-client"
-        | "apiserver-etcd-client"
-        | "front-proxy-client" => vec![(KubeApiserver, Restart)],
+        "apiserver" => vec![(KubeApiserver, Reloads)],
+        "apiserver-kubelet-client" | "apiserver-etcd-client" | "front-proxy-client" => {
+            vec![(KubeApiserver, Restart)]
+        }
+        "controller-manager-serving" => vec![(KubeControllerManager, Reloads)],
+        "scheduler-serving" => vec![(KubeScheduler, Reloads)],
         "front-proxy-ca" => vec![
             (KubeApiserver, Restart),
             (KubeControllerManager, Restart),
@@ -492,6 +508,19 @@ mod tests {
         assert_eq!(
             restarts_for(&["etcd-ca".into(), "apiserver".into()]),
             vec![Component::Etcd, Component::KubeApiserver]
+        );
+        // Serving pairs the Kubernetes components reload by themselves.
+        assert_eq!(
+            restarts_for(&[
+                "apiserver".into(),
+                "controller-manager-serving".into(),
+                "scheduler-serving".into()
+            ]),
+            vec![]
+        );
+        assert_eq!(
+            restarts_for(&["apiserver".into(), "apiserver-etcd-client".into()]),
+            vec![Component::KubeApiserver]
         );
         assert_eq!(
             restarts_for(&["kubelet-serving".into(), "kube-proxy.conf".into()]),

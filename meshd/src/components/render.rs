@@ -17,7 +17,8 @@
 //!   against it, because the node name must equal the certificate's `system:node:<name>` for the
 //!   Node authorizer and NodeRestriction;
 //! * controller-manager and scheduler: bound to 127.0.0.1, their kubeconfigs, `--root-ca-file`
-//!   (CFG-13);
+//!   (CFG-13), and a CA-signed serving pair from the inventory (`controller-manager-serving`,
+//!   `scheduler-serving`) instead of the self-signed one they would make (TLS-06);
 //! * TLS 1.2 minimum and ECDHE + AEAD cipher suites everywhere a component serves TLS (CFG-09).
 
 use std::net::{IpAddr, SocketAddr};
@@ -94,9 +95,9 @@ pub struct HttpsProbe {
     pub server_name: String,
     /// The request path.
     pub path: String,
-    /// The CA the server must chain to; `None` only for the controller-manager and scheduler, whose
-    /// serving certificates they make themselves (the inventory has none for them).
-    pub ca: Option<PathBuf>,
+    /// The CA the server must chain to: every component serves a CA-signed certificate from the
+    /// inventory, so none is probed without verification.
+    pub ca: PathBuf,
     /// Client certificate and key presented.
     pub client: Option<(PathBuf, PathBuf)>,
     /// Whether only a 200 counts (otherwise any HTTP answer over a verified TLS session does: kubelet
@@ -302,7 +303,7 @@ fn etcd(ctx: &RenderContext, b: &mut Builder) -> Result<(), String> {
         addr: SocketAddr::new(lo, cport),
         server_name: lo.to_string(),
         path: "/health".into(),
-        ca: Some(ca),
+        ca,
         client: Some((cert, key)),
         require_ok: true,
     });
@@ -401,7 +402,7 @@ fn apiserver(ctx: &RenderContext, b: &mut Builder) -> Result<(), String> {
         addr: SocketAddr::new(ip, s.apiserver_port),
         server_name: ip.to_string(),
         path: "/livez".into(),
-        ca: Some(ca),
+        ca,
         client: Some((cert, key)),
         require_ok: true,
     });
@@ -409,8 +410,9 @@ fn apiserver(ctx: &RenderContext, b: &mut Builder) -> Result<(), String> {
 }
 
 /// Flags the controller-manager and the scheduler share: their kubeconfig for the API, for
-/// delegated authentication and authorization; loopback binding; TLS policy.
-fn delegated(b: &mut Builder, kubeconfig: &str, port: u16) {
+/// delegated authentication and authorization; loopback binding; their CA-signed serving pair
+/// (`serving`: the inventory's `<name>-server` files) and TLS policy.
+fn delegated(b: &mut Builder, kubeconfig: &str, serving: &str, port: u16) {
     b.file_arg("kubeconfig", kubeconfig, InputKind::Kubeconfig);
     b.file_arg(
         "authentication-kubeconfig",
@@ -432,13 +434,24 @@ fn delegated(b: &mut Builder, kubeconfig: &str, port: u16) {
     );
     b.arg("leader-elect", "true");
     b.arg("profiling", "false");
+    b.file_arg(
+        "tls-cert-file",
+        &format!("pki/{serving}.crt"),
+        InputKind::Certificate,
+    );
+    b.file_arg(
+        "tls-private-key-file",
+        &format!("pki/{serving}.key"),
+        InputKind::Key,
+    );
     b.arg("tls-min-version", TLS_MIN_VERSION);
     b.arg("tls-cipher-suites", CIPHER_SUITES.join(","));
+    let ca = b.input("pki/ca.crt", InputKind::Certificate);
     b.r.health = Health::Https(HttpsProbe {
         addr: SocketAddr::new(IpAddr::from([127, 0, 0, 1]), port),
         server_name: "127.0.0.1".into(),
         path: "/healthz".into(),
-        ca: None,
+        ca,
         client: None,
         require_ok: true,
     });
@@ -449,6 +462,7 @@ fn controller_manager(ctx: &RenderContext, b: &mut Builder) -> Result<(), String
     delegated(
         b,
         "controller-manager.conf",
+        "controller-manager-server",
         ctx.config.controller_manager_port,
     );
     b.file_arg("root-ca-file", "pki/ca.crt", InputKind::Certificate);
@@ -469,7 +483,12 @@ fn controller_manager(ctx: &RenderContext, b: &mut Builder) -> Result<(), String
 
 fn scheduler(ctx: &RenderContext, b: &mut Builder) -> Result<(), String> {
     cluster(ctx)?;
-    delegated(b, "scheduler.conf", ctx.config.scheduler_port);
+    delegated(
+        b,
+        "scheduler.conf",
+        "scheduler-server",
+        ctx.config.scheduler_port,
+    );
     Ok(())
 }
 
@@ -560,7 +579,7 @@ fn kubelet(ctx: &RenderContext, b: &mut Builder) -> Result<(), String> {
         addr: SocketAddr::new(ctx.node_ip, c.kubelet_port),
         server_name: ctx.node_ip.to_string(),
         path: "/healthz".into(),
-        ca: Some(ca),
+        ca,
         client,
         require_ok: false,
     });
@@ -666,6 +685,31 @@ pub(crate) mod tests {
         );
         assert_eq!(r.flag("etcd-servers"), Some("https://127.0.0.1:2379"));
         assert_eq!(r.flag("tls-min-version"), Some("VersionTLS12"));
+    }
+
+    #[test]
+    fn controller_manager_and_scheduler_serve_the_inventory_pairs_verified_by_the_ca() {
+        for (c, pair) in [
+            (
+                Component::KubeControllerManager,
+                "controller-manager-server",
+            ),
+            (Component::KubeScheduler, "scheduler-server"),
+        ] {
+            let r = render(&ctx(), c).unwrap();
+            let cert = format!("/var/lib/meshd/pki/{pair}.crt");
+            let key = format!("/var/lib/meshd/pki/{pair}.key");
+            assert_eq!(r.flag("tls-cert-file"), Some(cert.as_str()));
+            assert_eq!(r.flag("tls-private-key-file"), Some(key.as_str()));
+            assert!(r
+                .inputs
+                .iter()
+                .any(|i| i.path.to_str() == Some(key.as_str()) && i.kind == InputKind::Key));
+            let Health::Https(p) = &r.health else {
+                panic!("{c} is probed over TLS")
+            };
+            assert_eq!(p.ca, std::path::Path::new("/var/lib/meshd/pki/ca.crt"));
+        }
     }
 
     #[test]
