@@ -10,13 +10,14 @@
 //! Linux only (TUN, `/proc`, `pidfd_getfd`).
 
 pub mod device;
+pub mod fast;
 pub mod key;
 pub mod sockbuf;
 pub mod uapi;
 
 use std::path::PathBuf;
 
-pub use device::{Device, DeviceConfig};
+pub use device::{Device, DeviceConfig, WgEngine};
 pub use key::{PresharedKey, PrivateKey, PublicKey};
 pub use sockbuf::BufferReport;
 pub use uapi::{DeviceInfo, DeviceUpdate, PeerInfo, PeerUpdate, Uapi};
