@@ -115,7 +115,7 @@ pub enum WgEngine {
 
 impl WgEngine {
     /// The engine used unless told otherwise.
-    pub const DEFAULT: WgEngine = WgEngine::Boringtun;
+    pub const DEFAULT: WgEngine = WgEngine::Fast;
 }
 
 impl std::str::FromStr for WgEngine {
