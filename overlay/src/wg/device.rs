@@ -244,7 +244,12 @@ impl Device {
             }
             WgEngine::Fast => {
                 let engine = fast::Engine::start(name, cfg.listen_port, cfg.socket_buffer_bytes)
-                    .map_err(|e| dev_err(format!("starting the fast data path: {e}")))?;
+                    .map_err(|e| {
+                        dev_err(format!(
+                            "starting the fast data path (TUN with offloads, UDP GSO/GRO): {e}; \
+                             the boringtun engine needs less of the kernel"
+                        ))
+                    })?;
                 if let Some(mtu) = cfg.mtu {
                     ip.set_mtu(name, mtu)?;
                 }

@@ -445,13 +445,13 @@ impl DataPath {
             }
             let Ok(mut st) = sh.state.lock() else { return };
             if ready[0] {
-                self.from_tun(&mut st);
+                self.tun_to_network(&mut st);
             }
             if ready[1] {
-                self.from_udp(&mut st, false);
+                self.network_to_tun(&mut st, false);
             }
             if ready[2] {
-                self.from_udp(&mut st, true);
+                self.network_to_tun(&mut st, true);
             }
             let now = Instant::now();
             if now >= next_tick {
@@ -468,7 +468,7 @@ impl DataPath {
     }
 
     /// Reads frames from the TUN, encrypts them and sends the datagrams.
-    fn from_tun(&mut self, st: &mut State) {
+    fn tun_to_network(&mut self, st: &mut State) {
         for _ in 0..BURST {
             let n = match self.tun.read(&mut self.frame) {
                 Ok(n) => n,
@@ -515,7 +515,7 @@ impl DataPath {
     }
 
     /// Receives datagrams, decrypts them and writes the packets (coalesced) to the TUN.
-    fn from_udp(&mut self, st: &mut State, v6: bool) {
+    fn network_to_tun(&mut self, st: &mut State, v6: bool) {
         for _ in 0..BURST {
             let sock = if v6 { st.udp6.as_ref() } else { Some(&st.udp4) };
             let Some(sock) = sock else { return };
@@ -577,11 +577,10 @@ impl DataPath {
             TunnResult::WriteToNetwork(r) => {
                 self.replies.push((r.to_vec(), from));
                 // Packets queued while the handshake was under way.
-                loop {
-                    match peer.tunn.decapsulate(None, &[], &mut self.dec) {
-                        TunnResult::WriteToNetwork(q) => self.replies.push((q.to_vec(), from)),
-                        _ => break,
-                    }
+                while let TunnResult::WriteToNetwork(q) =
+                    peer.tunn.decapsulate(None, &[], &mut self.dec)
+                {
+                    self.replies.push((q.to_vec(), from));
                 }
             }
             TunnResult::WriteToTunnelV4(p, src) => {
@@ -604,13 +603,10 @@ impl DataPath {
     fn timers(&mut self, st: &mut State) {
         let mut sends = Vec::new();
         for p in st.peers.values_mut() {
-            match p.tunn.update_timers(&mut self.dec) {
-                TunnResult::WriteToNetwork(d) => {
-                    if let Some(ep) = p.endpoint {
-                        sends.push((d.to_vec(), ep));
-                    }
+            if let TunnResult::WriteToNetwork(d) = p.tunn.update_timers(&mut self.dec) {
+                if let Some(ep) = p.endpoint {
+                    sends.push((d.to_vec(), ep));
                 }
-                _ => {}
             }
         }
         for (d, ep) in sends {
