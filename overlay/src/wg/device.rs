@@ -1,5 +1,7 @@
-//! [`Device`]: boringtun 0.7's userspace WireGuard device on a TUN interface, with meshd's UAPI
-//! server in front of it.
+//! [`Device`]: a userspace WireGuard device on a TUN interface, with meshd's UAPI server in front
+//! of it. Two data paths ([`WgEngine`]): meshd's own ([`super::fast`], the default: TUN and UDP
+//! offloads around boringtun's `noise::Tunn`, configured in process by `Core`), or boringtun 0.7's
+//! device loop (`DeviceHandle`), driven over its UAPI as described below.
 //!
 //! # Layout
 //!

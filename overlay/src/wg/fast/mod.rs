@@ -626,11 +626,23 @@ fn send_batch(st: &mut State, data: &[u8], lens: &[usize], to: SocketAddr) {
         },
     };
     let mut off = 0;
+    for (segment, total) in gso_groups(lens) {
+        let _ = sock.send(&data[off..off + total], segment, to);
+        off += total;
+    }
+}
+
+/// Groups back-to-back datagrams of the given lengths into UDP GSO sends: each group is a run of
+/// datagrams of its first one's length, possibly ending with one shorter datagram, at most
+/// [`MAX_GSO_SEGMENTS`] datagrams and [`MAX_GSO_BYTES`] bytes (one datagram always makes a
+/// group). Returns (segment size, total bytes) per group, in order.
+fn gso_groups(lens: &[usize]) -> Vec<(usize, usize)> {
+    let mut groups = Vec::new();
     let mut i = 0;
     while i < lens.len() {
         let size = lens[i];
-        let mut j = i + 1;
         let mut total = size;
+        let mut j = i + 1;
         while j < lens.len()
             && j - i < MAX_GSO_SEGMENTS
             && total + lens[j] <= MAX_GSO_BYTES
@@ -642,9 +654,36 @@ fn send_batch(st: &mut State, data: &[u8], lens: &[usize], to: SocketAddr) {
                 break;
             }
         }
-        let _ = sock.send(&data[off..off + total], size, to);
-        off += total;
+        groups.push((size, total));
         i = j;
+    }
+    groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gso_groups_follow_the_kernel_rule() {
+        assert_eq!(gso_groups(&[]), vec![]);
+        assert_eq!(gso_groups(&[100]), vec![(100, 100)]);
+        // Equal sizes, then a shorter last one: one send.
+        assert_eq!(gso_groups(&[100, 100, 60]), vec![(100, 260)]);
+        // Nothing may follow a shorter datagram; a longer one starts a new group.
+        assert_eq!(
+            gso_groups(&[100, 60, 100, 148, 100]),
+            vec![(100, 160), (100, 100), (148, 248)]
+        );
+        // Limits: segments and bytes.
+        let many = vec![1000; 70];
+        let g = gso_groups(&many);
+        assert_eq!(g[0], (1000, 64_000));
+        assert_eq!(g[1], (1000, 6_000));
+        let big = vec![1452; 50];
+        let g = gso_groups(&big);
+        assert!(g.iter().all(|(_, t)| *t <= MAX_GSO_BYTES));
+        assert_eq!(g.iter().map(|(_, t)| t).sum::<usize>(), 1452 * 50);
     }
 }
 
