@@ -660,6 +660,16 @@ fn gso_groups(lens: &[usize]) -> Vec<(usize, usize)> {
     groups
 }
 
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.wake();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -684,15 +694,5 @@ mod tests {
         let g = gso_groups(&big);
         assert!(g.iter().all(|(_, t)| *t <= MAX_GSO_BYTES));
         assert_eq!(g.iter().map(|(_, t)| t).sum::<usize>(), 1452 * 50);
-    }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        self.wake();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
