@@ -550,6 +550,18 @@ impl DataPath {
         let key = match &packet {
             Packet::HandshakeInit(p) => {
                 let Some(id) = &st.id else { return };
+                // mac1, and under load the cookie, before the Diffie-Hellman that finds the peer
+                // (as boringtun's device does). `decapsulate` checks again and counts the
+                // handshake a second time: under a flood, cookies are asked for at half the rate.
+                let mut cookie = [0u8; 64];
+                match id.limiter.verify_packet(Some(from.ip()), d, &mut cookie) {
+                    Ok(_) => {}
+                    Err(TunnResult::WriteToNetwork(c)) => {
+                        self.replies.push((c.to_vec(), from));
+                        return;
+                    }
+                    Err(_) => return,
+                }
                 match parse_handshake_anon(&id.secret, &id.public, p) {
                     Ok(hh) => PublicKey::from_bytes(hh.peer_static_public),
                     Err(_) => return,
