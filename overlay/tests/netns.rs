@@ -1,8 +1,9 @@
 //! Network-namespace tests of the userspace WireGuard device.
 //!
 //! Two namespaces joined by a veth pair (underlay 10.231.0.1 / 10.231.0.2), each running the
-//! `wg_node` example (boringtun behind meshd's UAPI server) with tunnel addresses 10.232.1.0 and
-//! 10.232.2.0 and the route 10.232.0.0/16 through the tunnel, as a node's lease would give.
+//! `wg_node` example (the device behind meshd's UAPI server) with tunnel addresses 10.232.1.0 and
+//! 10.232.2.0 and the route 10.232.0.0/16 through the tunnel, as a node's lease would give. Each
+//! test runs once per data path (`--engine boringtun` and `--engine fast`).
 //!
 //! Needs root, `/dev/net/tun`, and `ip`, `wg` (wireguard-tools), `ping` (iputils-ping) and
 //! `tcpdump`; runs in CI as root. `MESHD_SKIP_NETNS_TESTS=1` skips them (for unprivileged
