@@ -5,6 +5,8 @@
 #   knobs: RUNS=3 (rounds) DUR=10 (s per iperf3 test) PINGS=20 SKIP_BUILD=1 (reuse target/release/meshd)
 #          ENDPOINTS=pods|nodes (default pods) OUT_DIR=target/bench/overlay (raw iperf3 JSON, pings,
 #          daemon logs, results.tsv, summary.md)
+#          MESHD_ENGINE=default|fast|boringtun: meshd's WireGuard data path (`meshd run --wg-engine`;
+#          default: meshd's default)
 #          MESHD_MTU=auto (meshd's own detection: underlay 1500 - 80 = 1420) or N (`meshd run --mtu N`)
 #          TXQUEUELEN=N: set txqueuelen N on all four tunnel interfaces (default: leave the TUN default,
 #          500). A diagnostic: the TUN drops column shows packets the kernel dropped because the
@@ -51,6 +53,7 @@ DUR=${DUR:-10}
 PINGS=${PINGS:-20}
 ENDPOINTS=${ENDPOINTS:-pods}
 MESHD_MTU=${MESHD_MTU:-auto}
+MESHD_ENGINE=${MESHD_ENGINE:-default}
 OUT_DIR=${OUT_DIR:-$REPO/target/bench/overlay}
 MESHD=$REPO/target/release/meshd
 
@@ -211,6 +214,7 @@ ip netns exec "$NA" "$MESHD" init --data-dir "$DA" --node-name benchcp --adverti
   >"$OUT_DIR/meshd-init.log"
 MTU_ARGS=()
 [ "$MESHD_MTU" = auto ] || MTU_ARGS=(--mtu "$MESHD_MTU")
+[ "$MESHD_ENGINE" = default ] || MTU_ARGS+=(--wg-engine "$MESHD_ENGINE")
 start "$OUT_DIR/meshd-a.log" ip netns exec "$NA" "$MESHD" run --data-dir "$DA" --wg-interface "$MIA" \
   --subnet-env "$DA/subnet.env" --cni-conf "$DA/cni.conflist" "${MTU_ARGS[@]}"
 MPA=$BG
@@ -403,7 +407,7 @@ LOAD1=$(cut -d' ' -f1 /proc/loadavg)
 
 echo
 echo "== results ($START; endpoints: $ENDPOINTS; $RUNS rounds x ${DUR} s; load average $LOAD0 -> $LOAD1; $(nproc) CPUs)"
-echo "   meshd $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?') (boringtun $(awk '/^name = "boringtun"/ {getline; print $3}' "$REPO/Cargo.lock" | tr -d '"')), $(wireguard-go --version | head -1), $(iperf3 --version | head -1 | cut -d' ' -f1-2), kernel $(uname -r)"
+echo "   meshd $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?') (engine $MESHD_ENGINE, boringtun $(awk '/^name = "boringtun"/ {getline; print $3}' "$REPO/Cargo.lock" | tr -d '"')), $(wireguard-go --version | head -1), $(iperf3 --version | head -1 | cut -d' ' -f1-2), kernel $(uname -r)"
 python3 - "$RES" <<'EOF' | tee "$OUT_DIR/summary.md"
 import csv, statistics, sys
 from collections import defaultdict

@@ -157,6 +157,10 @@ pub struct RunArgs {
     /// Persistent keepalive towards every peer, seconds (25 for nodes behind NAT; 0 = off).
     #[arg(long, default_value_t = 0)]
     pub keepalive: u16,
+    /// WireGuard data path: `fast` (meshd's own, with TUN and UDP offloads) or `boringtun`
+    /// (boringtun's device loop).
+    #[arg(long, default_value_t = overlay::wg::WgEngine::DEFAULT)]
+    pub wg_engine: overlay::wg::WgEngine,
     /// Where to write flannel's subnet.env.
     #[arg(long, default_value = "/run/flannel/subnet.env")]
     pub subnet_env: std::path::PathBuf,
@@ -535,6 +539,7 @@ fn run_async(cmd: Command) -> anyhow::Result<ExitCode> {
                     ifname: a.wg_interface.clone(),
                     mtu: a.mtu,
                     keepalive: a.keepalive,
+                    engine: a.wg_engine,
                     subnet_env: Some(a.subnet_env.clone()),
                     cni_conf: Some(a.cni_conf.clone()),
                     cni_bridge: a.cni_bridge.clone(),

@@ -25,6 +25,8 @@ pub struct MeshOptions {
     pub mtu: Option<u32>,
     /// Persistent keepalive towards every peer, seconds (0 = off; 25 behind NAT).
     pub keepalive: u16,
+    /// The WireGuard data path.
+    pub engine: overlay::wg::WgEngine,
     /// Where to write flannel's subnet.env (`None`: not written).
     pub subnet_env: Option<PathBuf>,
     /// Where to write the CNI conflist (`None`: not written).
@@ -183,6 +185,7 @@ impl Mesh {
         let mut cfg = DeviceConfig::new(private_key);
         cfg.listen_port = me.endpoint.port();
         cfg.mtu = Some(mtu);
+        cfg.engine = opts.engine;
         let device = Device::start(&opts.ifname, cfg)
             .with_context(|| format!("starting WireGuard interface {}", opts.ifname))?;
         ip.add_address(&opts.ifname, IpAddr::V4(me.subnet.network()))?;

@@ -57,6 +57,9 @@ struct Args {
     /// boringtun worker threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Data path: boringtun or fast.
+    #[arg(long, default_value_t = overlay::wg::WgEngine::DEFAULT)]
+    engine: overlay::wg::WgEngine,
     /// SO_RCVBUF/SO_SNDBUF to ask for (bytes; 0 leaves the kernel default).
     #[arg(long, default_value_t = overlay::wg::device::DEFAULT_SOCKET_BUFFER)]
     socket_buffer: usize,
@@ -89,6 +92,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     cfg.mtu = Some(mtu);
     cfg.threads = args.threads;
     cfg.socket_buffer_bytes = args.socket_buffer;
+    cfg.engine = args.engine;
     let device = Device::start(&args.ifname, cfg)?;
 
     let uapi = Uapi::connect(&args.ifname)?;

@@ -11,7 +11,8 @@
 //! * [`wg`]: WireGuard keys (base64 and hex), the cross-platform UAPI protocol and its client, and
 //!   [`wg::Device`] — boringtun on a TUN interface behind meshd's own UAPI server.
 //! * [`link`]: MTU, addresses, link state and routes through iproute2's `ip`; underlay MTU detection.
-#![forbid(unsafe_code)]
+// `unsafe` only in `wg::fast::sys` (TUN ioctls, UDP GSO/GRO control messages), which allows it.
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod link;

@@ -1,8 +1,9 @@
 //! Network-namespace tests of the userspace WireGuard device.
 //!
 //! Two namespaces joined by a veth pair (underlay 10.231.0.1 / 10.231.0.2), each running the
-//! `wg_node` example (boringtun behind meshd's UAPI server) with tunnel addresses 10.232.1.0 and
-//! 10.232.2.0 and the route 10.232.0.0/16 through the tunnel, as a node's lease would give.
+//! `wg_node` example (the device behind meshd's UAPI server) with tunnel addresses 10.232.1.0 and
+//! 10.232.2.0 and the route 10.232.0.0/16 through the tunnel, as a node's lease would give. Each
+//! test runs once per data path (`--engine boringtun` and `--engine fast`).
 //!
 //! Needs root, `/dev/net/tun`, and `ip`, `wg` (wireguard-tools), `ping` (iputils-ping) and
 //! `tcpdump`; runs in CI as root. `MESHD_SKIP_NETNS_TESTS=1` skips them (for unprivileged
@@ -110,10 +111,12 @@ struct Lab {
     children: Vec<(String, Child)>,
     netns: Vec<String>,
     ifnames: Vec<String>,
+    /// `wg_node --engine`.
+    engine: &'static str,
 }
 
 impl Lab {
-    fn new(test: &str) -> Lab {
+    fn new(test: &str, engine: &'static str) -> Lab {
         let tag = format!("{}{test}", std::process::id());
         let dir = std::env::temp_dir().join(format!("meshd-netns-{tag}"));
         let _ = std::fs::remove_dir_all(&dir);
@@ -124,6 +127,7 @@ impl Lab {
             children: Vec::new(),
             netns: Vec::new(),
             ifnames: Vec::new(),
+            engine,
         }
     }
 
@@ -241,6 +245,7 @@ impl Lab {
             Command::new("ip")
                 .args(["netns", "exec", ns])
                 .arg(&bin)
+                .args(["--engine", self.engine])
                 .args(["--ifname", ifname, "--private-key-file"])
                 .arg(key)
                 .args(["--address", address, "--route", "10.232.0.0/16"])
@@ -391,10 +396,18 @@ fn assert_ping(ns: &str, dst: &str, extra: &[&str]) {
 
 #[test]
 fn ping_crosses_the_tunnel_encrypted_and_wg_show_reports_it() {
+    ping_crosses_the_tunnel(Lab::new("p", "boringtun"));
+}
+
+#[test]
+fn fast_engine_ping_crosses_the_tunnel_encrypted_and_wg_show_reports_it() {
+    ping_crosses_the_tunnel(Lab::new("pf", "fast"));
+}
+
+fn ping_crosses_the_tunnel(mut lab: Lab) {
     if !prerequisites() {
         return;
     }
-    let mut lab = Lab::new("p");
     let (a, b) = lab.pair(1500);
     let (if_a, if_b) = (lab.name("mw", "a"), lab.name("mw", "b"));
     let (key_a, pub_a) = lab.keypair("a");
@@ -527,10 +540,18 @@ fn ping_crosses_the_tunnel_encrypted_and_wg_show_reports_it() {
 
 #[test]
 fn peer_updates_keep_the_device_working_and_mtu_follows_the_underlay() {
+    peer_updates(Lab::new("u", "boringtun"));
+}
+
+#[test]
+fn fast_engine_peer_updates_keep_the_device_working_and_mtu_follows_the_underlay() {
+    peer_updates(Lab::new("uf", "fast"));
+}
+
+fn peer_updates(mut lab: Lab) {
     if !prerequisites() {
         return;
     }
-    let mut lab = Lab::new("u");
     let (a, b) = lab.pair(1400);
     let (if_a, if_b) = (lab.name("mw", "a"), lab.name("mw", "b"));
     let (key_a, pub_a) = lab.keypair("a");
@@ -660,6 +681,7 @@ fn peer_updates_keep_the_device_working_and_mtu_follows_the_underlay() {
     let out = Command::new("ip")
         .args(["netns", "exec", &c])
         .arg(wg_node())
+        .args(["--engine", lab.engine])
         .args(["--ifname", &if_a, "--private-key-file"])
         .arg(&key_a)
         .args(["--address", "10.232.3.0", "--peer-public-key", &pub_b])

@@ -1152,8 +1152,17 @@ fn transfer(
 /// The capture holds only WireGuard (UDP between underlay addresses, port [`WG_PORT`] on both
 /// sides), the meshd API's TLS (TCP to or from the API port of the control plane) and ARP; no
 /// cluster address and no payload in clear. Returns the number of WireGuard packets.
-fn check_capture(text: &str, bytes: &[u8], cp_addr: &str, api_port: u16, tcpdump: &str) -> usize {
+/// Returns the WireGuard datagrams captured and the sum of their UDP lengths (a UDP GSO send is
+/// captured once, as one packet whose length covers all its datagrams).
+fn check_capture(
+    text: &str,
+    bytes: &[u8],
+    cp_addr: &str,
+    api_port: u16,
+    tcpdump: &str,
+) -> (usize, usize) {
     let mut wireguard = 0;
+    let mut wireguard_bytes = 0;
     for line in text.lines() {
         assert!(
             !line.contains(CLUSTER_PREFIX),
@@ -1190,6 +1199,10 @@ fn check_capture(text: &str, bytes: &[u8], cp_addr: &str, api_port: u16, tcpdump
             && underlay(&dh)
         {
             wireguard += 1;
+            wireguard_bytes += proto
+                .rsplit_once("length ")
+                .and_then(|(_, n)| n.trim().parse::<usize>().ok())
+                .unwrap_or_else(|| panic!("no UDP length: {line}"));
         } else if proto.starts_with("tcp")
             && ((dh == cp_addr && dp == api_port) || (sh == cp_addr && sp == api_port))
         {
@@ -1206,7 +1219,7 @@ fn check_capture(text: &str, bytes: &[u8], cp_addr: &str, api_port: u16, tcpdump
         wireguard > 0,
         "no WireGuard packet captured; tcpdump: {tcpdump}"
     );
-    wireguard
+    (wireguard, wireguard_bytes)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1324,21 +1337,22 @@ fn three_nodes_pods_reach_each_other_only_through_wireguard() {
         );
     }
     let (text, bytes, tcpdump) = c.stop_capture(cap);
-    let wg = check_capture(&text, &bytes, &c.cp().addr, c.api_port, &tcpdump);
-    // Every packet is captured once, as it enters the underlay from its node: the transfers' data
-    // packets (at most 1420 bytes of payload each) are all there, or counted as dropped by the
-    // kernel; and most of them are there (the canary is checked on what was captured).
+    let (wg, wg_bytes) = check_capture(&text, &bytes, &c.cp().addr, c.api_port, &tcpdump);
+    // Every packet is captured once, as it enters the underlay from its node: the transfers' bytes
+    // are all there (in WireGuard datagrams, several to a captured packet when sent with UDP GSO),
+    // or in packets counted as dropped by the kernel (at most 64 KiB each); and most packets are
+    // there (the canary is checked on what was captured).
     let dropped: usize = tcpdump
         .lines()
         .find_map(|l| l.strip_suffix(" packets dropped by kernel"))
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or_else(|| panic!("no drop count from tcpdump: {tcpdump}"));
     assert!(
-        wg + dropped >= 2 * TRANSFER_BYTES / 1420 && dropped * 10 <= wg,
-        "{wg} WireGuard packets captured, {dropped} dropped, for 2 x {TRANSFER_BYTES} bytes: {tcpdump}"
+        wg_bytes + dropped * 65536 >= 2 * TRANSFER_BYTES && dropped * 10 <= wg,
+        "{wg} WireGuard packets ({wg_bytes} bytes) captured, {dropped} dropped, for 2 x {TRANSFER_BYTES} bytes: {tcpdump}"
     );
     eprintln!(
-        "capture: {wg} WireGuard packets, nothing else but the API's TLS and ARP; {}",
+        "capture: {wg} WireGuard packets ({wg_bytes} bytes), nothing else but the API's TLS and ARP; {}",
         tcpdump.trim().replace('\n', "; ")
     );
 

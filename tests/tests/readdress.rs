@@ -70,6 +70,7 @@ fn a_new_subnet_on_the_feed_readdresses_the_running_mesh() {
         ifname: ifname.clone(),
         mtu: None,
         keepalive: 0,
+        engine: overlay::wg::WgEngine::DEFAULT,
         subnet_env: Some(env.clone()),
         cni_conf: Some(conf.clone()),
         cni_bridge: "cni-mra".into(),

@@ -1,5 +1,7 @@
-//! [`Device`]: boringtun 0.7's userspace WireGuard device on a TUN interface, with meshd's UAPI
-//! server in front of it.
+//! [`Device`]: a userspace WireGuard device on a TUN interface, with meshd's UAPI server in front
+//! of it. Two data paths ([`WgEngine`]): meshd's own ([`super::fast`], the default: TUN and UDP
+//! offloads around boringtun's `noise::Tunn`, configured in process by `Core`), or boringtun 0.7's
+//! device loop (`DeviceHandle`), driven over its UAPI as described below.
 //!
 //! # Layout
 //!
@@ -64,6 +66,7 @@ use std::time::{Duration, SystemTime};
 use ipnet::IpNet;
 use zeroize::Zeroizing;
 
+use super::fast;
 use super::key::{PresharedKey, PrivateKey, PublicKey};
 use super::sockbuf::{self, BufferReport};
 use super::uapi::{self, DeviceInfo, DeviceUpdate, EADDRINUSE, EINVAL, EIO, ENOKEY, EPROTO};
@@ -97,6 +100,46 @@ pub struct DeviceConfig {
     /// Size asked for SO_RCVBUF and SO_SNDBUF of the UDP sockets (0: leave the kernel default).
     /// Default [`DEFAULT_SOCKET_BUFFER`].
     pub socket_buffer_bytes: usize,
+    /// Which data path runs the device. Default [`WgEngine::DEFAULT`].
+    pub engine: WgEngine,
+}
+
+/// The data path of a [`Device`]. Both speak the same protocol, behind the same UAPI server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WgEngine {
+    /// boringtun 0.7's own device loop (`DeviceHandle`): one packet per system call each way.
+    Boringtun,
+    /// meshd's data path around boringtun's `noise::Tunn` ([`super::fast`]): TUN with TCP
+    /// segmentation offload, UDP GSO/GRO, coalescing on receive. `threads` does not apply
+    /// (one data thread).
+    Fast,
+}
+
+impl WgEngine {
+    /// The engine used unless told otherwise.
+    pub const DEFAULT: WgEngine = WgEngine::Fast;
+}
+
+impl std::str::FromStr for WgEngine {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "boringtun" => Ok(WgEngine::Boringtun),
+            "fast" => Ok(WgEngine::Fast),
+            _ => Err(format!(
+                "unknown WireGuard engine {s:?} (boringtun or fast)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for WgEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WgEngine::Boringtun => "boringtun",
+            WgEngine::Fast => "fast",
+        })
+    }
 }
 
 impl DeviceConfig {
@@ -108,6 +151,7 @@ impl DeviceConfig {
             mtu: None,
             threads: 1,
             socket_buffer_bytes: DEFAULT_SOCKET_BUFFER,
+            engine: WgEngine::DEFAULT,
         }
     }
 }
@@ -170,35 +214,51 @@ impl Device {
             message,
         };
 
-        // A first queue of the (multi-queue) TUN interface, so that its MTU can be set before
-        // boringtun opens it and reads the MTU. Closed once boringtun holds its own queues.
-        let holder = boringtun::device::tun::TunSocket::new(name)
-            .map_err(|e| dev_err(format!("creating the TUN interface: {e}")))?;
-        if let Some(mtu) = cfg.mtu {
-            ip.set_mtu(name, mtu)?;
-        }
-        let (ours, theirs) = UnixStream::pair().map_err(|source| WgError::Io {
-            path: socket_path.clone(),
-            source,
-        })?;
-        let bcfg = boringtun::device::DeviceConfig {
-            n_threads: cfg.threads,
-            use_connected_socket: false,
-            use_multi_queue: true,
-            // boringtun takes ownership of this descriptor (and closes it when it stops).
-            uapi_fd: theirs.into_raw_fd(),
-        };
-        let handle = boringtun::device::DeviceHandle::new(name, bcfg)
-            .map_err(|e| dev_err(format!("starting boringtun: {e}")))?;
-        drop(holder);
-
-        let core =
-            Arc::new(
-                Core::new(ours, cfg.socket_buffer_bytes).map_err(|source| WgError::Io {
+        let (backend, handle) = match cfg.engine {
+            WgEngine::Boringtun => {
+                // A first queue of the (multi-queue) TUN interface, so that its MTU can be set
+                // before boringtun opens it and reads the MTU. Closed once boringtun holds its
+                // own queues.
+                let holder = boringtun::device::tun::TunSocket::new(name)
+                    .map_err(|e| dev_err(format!("creating the TUN interface: {e}")))?;
+                if let Some(mtu) = cfg.mtu {
+                    ip.set_mtu(name, mtu)?;
+                }
+                let (ours, theirs) = UnixStream::pair().map_err(|source| WgError::Io {
                     path: socket_path.clone(),
                     source,
-                })?,
-            );
+                })?;
+                let bcfg = boringtun::device::DeviceConfig {
+                    n_threads: cfg.threads,
+                    use_connected_socket: false,
+                    use_multi_queue: true,
+                    // boringtun takes ownership of this descriptor (and closes it when it stops).
+                    uapi_fd: theirs.into_raw_fd(),
+                };
+                let handle = boringtun::device::DeviceHandle::new(name, bcfg)
+                    .map_err(|e| dev_err(format!("starting boringtun: {e}")))?;
+                drop(holder);
+                let backend = BtBackend::new(ours).map_err(|source| WgError::Io {
+                    path: socket_path.clone(),
+                    source,
+                })?;
+                (Backend::Boringtun(backend), Some(handle))
+            }
+            WgEngine::Fast => {
+                let engine = fast::Engine::start(name, cfg.listen_port, cfg.socket_buffer_bytes)
+                    .map_err(|e| {
+                        dev_err(format!(
+                            "starting the fast data path (TUN with offloads, UDP GSO/GRO): {e}; \
+                             the boringtun engine needs less of the kernel"
+                        ))
+                    })?;
+                if let Some(mtu) = cfg.mtu {
+                    ip.set_mtu(name, mtu)?;
+                }
+                (Backend::Fast(Some(engine)), None)
+            }
+        };
+        let core = Arc::new(Core::new(backend, cfg.socket_buffer_bytes));
         // From here on, Drop cleans up whatever was started.
         let mut dev = Device {
             name: name.into(),
@@ -208,14 +268,14 @@ impl Device {
             listener: None,
             stop: Arc::new(AtomicBool::new(false)),
             server: None,
-            handle: Some(handle),
+            handle,
         };
         // The key first: boringtun panics on packets or peers before it has one.
         dev.set(&DeviceUpdate {
             private_key: Some(cfg.private_key),
             ..Default::default()
         })?;
-        if cfg.listen_port != 0 {
+        if cfg.listen_port != 0 && cfg.engine == WgEngine::Boringtun {
             dev.set(&DeviceUpdate {
                 listen_port: Some(cfg.listen_port),
                 ..Default::default()
@@ -425,11 +485,11 @@ fn serve_connection(core: &Core, stream: UnixStream) {
 /// The configuration part of a peer (what `set` controls), normalised for comparison.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct PeerConfig {
-    preshared_key: Option<PresharedKey>,
-    endpoint: Option<SocketAddr>,
+    pub(crate) preshared_key: Option<PresharedKey>,
+    pub(crate) endpoint: Option<SocketAddr>,
     /// Network addresses (host bits cleared), sorted, without duplicates.
-    allowed_ips: Vec<IpNet>,
-    keepalive: u16,
+    pub(crate) allowed_ips: Vec<IpNet>,
+    pub(crate) keepalive: u16,
 }
 
 fn normalise(ips: impl IntoIterator<Item = IpNet>) -> Vec<IpNet> {
@@ -442,11 +502,11 @@ fn normalise(ips: impl IntoIterator<Item = IpNet>) -> Vec<IpNet> {
 /// What to send to boringtun for one `set` request's peer part.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct PeerPlan {
-    replace_peers: bool,
+    pub(crate) replace_peers: bool,
     /// Peers to remove (including those re-added below with a changed configuration).
-    remove: Vec<PublicKey>,
+    pub(crate) remove: Vec<PublicKey>,
     /// Peers to add, with their whole configuration.
-    add: Vec<(PublicKey, PeerConfig)>,
+    pub(crate) add: Vec<(PublicKey, PeerConfig)>,
 }
 
 impl PeerPlan {
@@ -575,8 +635,59 @@ pub(crate) fn plan_peers(
     plan
 }
 
+/// What Core drives: boringtun's device over its UAPI descriptor, or the fast engine in process.
+enum Backend {
+    Boringtun(BtBackend),
+    /// `None` once shut down.
+    Fast(Option<fast::Engine>),
+}
+
+impl Backend {
+    fn get(&mut self) -> Result<DeviceInfo, i32> {
+        match self {
+            Backend::Boringtun(b) => b.get(),
+            Backend::Fast(Some(e)) => e.get(),
+            Backend::Fast(None) => Err(EIO),
+        }
+    }
+
+    fn set(&mut self, u: &DeviceUpdate) -> Result<Option<u16>, i32> {
+        match self {
+            Backend::Boringtun(b) => b.set(u),
+            Backend::Fast(Some(e)) => {
+                if let Some(port) = u.listen_port {
+                    if port != 0 && !port_is_free(port) && e.get()?.listen_port != port {
+                        return Err(EADDRINUSE);
+                    }
+                }
+                e.set(u)
+            }
+            Backend::Fast(None) => Err(EIO),
+        }
+    }
+
+    fn private_key(&self) -> Option<PrivateKey> {
+        match self {
+            Backend::Boringtun(b) => b.private_key.clone(),
+            Backend::Fast(Some(e)) => e.private_key(),
+            Backend::Fast(None) => None,
+        }
+    }
+
+    fn shutdown(&mut self) {
+        match self {
+            // End of stream on boringtun's UAPI descriptor makes every boringtun thread exit.
+            Backend::Boringtun(b) => {
+                let _ = b.writer.shutdown(std::net::Shutdown::Both);
+            }
+            // Stops the data thread and closes the TUN and the sockets.
+            Backend::Fast(e) => drop(e.take()),
+        }
+    }
+}
+
 /// The connection to boringtun's UAPI descriptor, and what boringtun does not keep for us.
-struct Backend {
+struct BtBackend {
     writer: UnixStream,
     reader: BufReader<UnixStream>,
     private_key: Option<PrivateKey>,
@@ -584,7 +695,19 @@ struct Backend {
     broken: bool,
 }
 
-impl Backend {
+impl BtBackend {
+    fn new(stream: UnixStream) -> std::io::Result<BtBackend> {
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        let reader = BufReader::new(stream.try_clone()?);
+        Ok(BtBackend {
+            writer: stream,
+            reader,
+            private_key: None,
+            broken: false,
+        })
+    }
+
     fn exchange(&mut self, request: &[u8]) -> Result<Zeroizing<String>, i32> {
         if self.broken {
             return Err(EIO);
@@ -734,20 +857,12 @@ struct Core {
 }
 
 impl Core {
-    fn new(stream: UnixStream, buffer_bytes: usize) -> std::io::Result<Core> {
-        stream.set_read_timeout(Some(IO_TIMEOUT))?;
-        stream.set_write_timeout(Some(IO_TIMEOUT))?;
-        let reader = BufReader::new(stream.try_clone()?);
-        Ok(Core {
-            backend: Mutex::new(Backend {
-                writer: stream,
-                reader,
-                private_key: None,
-                broken: false,
-            }),
+    fn new(backend: Backend, buffer_bytes: usize) -> Core {
+        Core {
+            backend: Mutex::new(backend),
             buffer_bytes,
             report: Mutex::new(None),
-        })
+        }
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Backend>, i32> {
@@ -762,7 +877,7 @@ impl Core {
     fn get_with_key(&self) -> Result<(DeviceInfo, Option<PrivateKey>), i32> {
         let mut b = self.lock()?;
         let info = b.get()?;
-        Ok((info, b.private_key.clone()))
+        Ok((info, b.private_key()))
     }
 
     fn set(&self, u: &DeviceUpdate) -> Result<(), i32> {
@@ -784,11 +899,11 @@ impl Core {
     }
 
     fn shutdown(&self) {
-        let b = match self.backend.lock() {
+        let mut b = match self.backend.lock() {
             Ok(b) => b,
             Err(p) => p.into_inner(),
         };
-        let _ = b.writer.shutdown(std::net::Shutdown::Both);
+        b.shutdown();
     }
 }
 

@@ -3,20 +3,23 @@
 //! * [`key`]: public, private and preshared keys; base64 (meshd's files and registry) and hex (UAPI).
 //! * [`uapi`]: the cross-platform configuration protocol — pure parsing/formatting of `get`/`set`,
 //!   and the [`Uapi`] client for `/var/run/wireguard/<ifname>.sock`.
-//! * [`device`]: [`Device`], boringtun 0.7's userspace device on a TUN interface, fronted by our own
-//!   UAPI server (which works around boringtun's known UAPI defects) and with enlarged UDP socket
-//!   buffers ([`sockbuf`]).
+//! * [`device`]: [`Device`], the userspace device on a TUN interface, fronted by our own UAPI
+//!   server, with enlarged UDP socket buffers ([`sockbuf`]); its data path is [`fast`] (meshd's,
+//!   with TUN/UDP offloads, around boringtun's `noise::Tunn`) or boringtun 0.7's device loop (whose
+//!   UAPI defects the server works around).
+//! * [`fast`]: the fast data path and its pure packet work ([`fast::offload`]).
 //!
 //! Linux only (TUN, `/proc`, `pidfd_getfd`).
 
 pub mod device;
+pub mod fast;
 pub mod key;
 pub mod sockbuf;
 pub mod uapi;
 
 use std::path::PathBuf;
 
-pub use device::{Device, DeviceConfig};
+pub use device::{Device, DeviceConfig, WgEngine};
 pub use key::{PresharedKey, PrivateKey, PublicKey};
 pub use sockbuf::BufferReport;
 pub use uapi::{DeviceInfo, DeviceUpdate, PeerInfo, PeerUpdate, Uapi};

@@ -1,0 +1,710 @@
+//! meshd's own WireGuard data path around boringtun's protocol state machine
+//! ([`boringtun::noise::Tunn`]), instead of boringtun's device loop: the `fast` engine of
+//! [`super::Device`].
+//!
+//! One data thread per device owns the descriptors and does, per wake-up:
+//!
+//! * **TUN → network**: one `read` from a TUN opened with `IFF_VNET_HDR` and TCP segmentation
+//!   offload returns a TCP super-packet of up to 64 KiB; [`offload::split`] cuts it into
+//!   MTU-sized segments (fixing IP/TCP headers and checksums), each is encrypted by the peer's
+//!   `Tunn` (chosen by allowed IPs), and the datagrams leave in one `sendmsg` with `UDP_SEGMENT`
+//!   (UDP GSO).
+//! * **network → TUN**: one `recvmsg` on a socket with `UDP_GRO` returns many datagrams of one
+//!   sender; each is decrypted (the peer found by its receiver index, or for a handshake
+//!   initiation by its static key), checked against the peer's allowed IPs, and consecutive
+//!   in-order TCP segments of a flow are coalesced ([`offload::Gro`]) into one super-packet
+//!   written to the TUN with a GSO virtio header.
+//! * **timers**: every 250 ms each peer's `update_timers` (handshake retries, rekey, keepalive,
+//!   session expiry); every second the handshake rate limiter is reset.
+//!
+//! Configuration ([`Engine::get`], [`Engine::set`], from meshd's UAPI server) shares the state
+//! with the data thread through one mutex, taken by the data thread per batch. Semantics are the
+//! kernel's, as planned by [`super::device::plan_peers`], applied in place: a peer whose
+//! configuration does not change keeps its session; changing endpoint or allowed IPs keeps it
+//! too; only a new preshared key or keepalive interval restarts that peer's session. The
+//! endpoint follows the source of the last authenticated packet (roaming).
+
+pub mod offload;
+mod sys;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd as _, AsRawFd as _};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use boringtun::device::allowed_ips::AllowedIps;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519;
+
+use super::device::{plan_peers, PeerConfig};
+use super::key::{PrivateKey, PublicKey};
+use super::uapi::{DeviceInfo, DeviceUpdate, PeerInfo, EADDRINUSE, EINVAL, EIO, ENOKEY};
+use offload::{Gro, VnetHdr, VNET_HDR_LEN};
+use sys::{Tun, Udp, Waker};
+
+/// Handshakes per second before cookies are required (boringtun's device uses the same).
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// Largest frame read from or written to the TUN: virtio header + 64 KiB packet.
+const FRAME: usize = VNET_HDR_LEN + 65535;
+/// Most datagrams in one UDP GSO send (the kernel's UDP_MAX_SEGMENTS is 64 on older kernels).
+const MAX_GSO_SEGMENTS: usize = 64;
+/// Most bytes in one UDP GSO send (an IP datagram's limit, less headers).
+const MAX_GSO_BYTES: usize = 65000;
+/// Frames read from the TUN or receive calls per socket before looking at the others.
+const BURST: usize = 32;
+const TICK: Duration = Duration::from_millis(250);
+
+/// One peer: its protocol state and configuration.
+struct Peer {
+    tunn: Tunn,
+    /// Index in the receiver-index space (`Tunn` sessions carry `index << 8 | n`).
+    index: u32,
+    cfg: PeerConfig,
+    /// Current endpoint: configured, or learned from the last authenticated packet.
+    endpoint: Option<SocketAddr>,
+}
+
+/// The key material, present once a private key is set.
+struct Identity {
+    key: PrivateKey,
+    secret: x25519::StaticSecret,
+    public: x25519::PublicKey,
+    limiter: Arc<RateLimiter>,
+}
+
+struct State {
+    id: Option<Identity>,
+    port: u16,
+    fwmark: Option<u32>,
+    udp4: Udp,
+    udp6: Option<Udp>,
+    /// Sockets replaced by a port change, closed by the data thread once it no longer polls them.
+    retired: Vec<Udp>,
+    peers: BTreeMap<PublicKey, Peer>,
+    by_index: HashMap<u32, PublicKey>,
+    routes: AllowedIps<PublicKey>,
+    next_index: u32,
+    buffer_bytes: usize,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    stop: AtomicBool,
+    /// Wakes the data thread (stop, new sockets).
+    wake: Waker,
+}
+
+/// A running fast-path device: the TUN interface, its UDP sockets and the data thread. Dropping
+/// it stops the thread and closes everything (the interface disappears).
+pub struct Engine {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").finish_non_exhaustive()
+    }
+}
+
+fn bind_pair(port: u16, buffer: usize) -> io::Result<(Udp, Option<Udp>)> {
+    let udp4 = Udp::bind(false, port, buffer)?;
+    let port = udp4.local_port()?;
+    // IPv6 is optional (a namespace may have it disabled); on the same port as IPv4.
+    let udp6 = Udp::bind(true, port, buffer).ok();
+    Ok((udp4, udp6))
+}
+
+impl Engine {
+    /// Creates the TUN interface `name` (in the calling thread's network namespace) with
+    /// offloads, binds the UDP sockets on `port` (0: a random one) and starts the data thread.
+    /// No key and no peer yet: [`Engine::set`] gives them.
+    pub fn start(name: &str, port: u16, buffer_bytes: usize) -> io::Result<Engine> {
+        let tun = Tun::open(name)?;
+        let (udp4, udp6) = bind_pair(port, buffer_bytes)?;
+        let port = udp4.local_port()?;
+        let wake = Waker::new()?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                id: None,
+                port,
+                fwmark: None,
+                udp4,
+                udp6,
+                retired: Vec::new(),
+                peers: BTreeMap::new(),
+                by_index: HashMap::new(),
+                routes: AllowedIps::new(),
+                next_index: first_index(),
+                buffer_bytes,
+            }),
+            stop: AtomicBool::new(false),
+            wake,
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("wg-{name}"))
+            .spawn(move || DataPath::new(tun).run(&s))?;
+        Ok(Engine {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, State>, i32> {
+        self.shared.state.lock().map_err(|_| EIO)
+    }
+
+    fn wake(&self) {
+        self.shared.wake.wake();
+    }
+
+    /// The private key, if set.
+    pub fn private_key(&self) -> Option<PrivateKey> {
+        self.lock().ok()?.id.as_ref().map(|i| i.key.clone())
+    }
+
+    /// The device's state, with Unix handshake times.
+    pub fn get(&self) -> Result<DeviceInfo, i32> {
+        let st = self.lock()?;
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let peers = st
+            .peers
+            .iter()
+            .map(|(k, p)| {
+                let (since, tx, rx, _, _) = p.tunn.stats();
+                let at = since.map(|s| now.saturating_sub(s)).unwrap_or_default();
+                PeerInfo {
+                    public_key: *k,
+                    preshared_key: p.cfg.preshared_key.clone(),
+                    endpoint: p.endpoint,
+                    allowed_ips: p.cfg.allowed_ips.clone(),
+                    last_handshake_time_sec: at.as_secs(),
+                    last_handshake_time_nsec: at.subsec_nanos(),
+                    rx_bytes: rx as u64,
+                    tx_bytes: tx as u64,
+                    persistent_keepalive_interval: p.cfg.keepalive,
+                }
+            })
+            .collect();
+        Ok(DeviceInfo {
+            public_key: st.id.as_ref().map(|i| i.key.public_key()),
+            listen_port: st.port,
+            fwmark: st.fwmark,
+            peers,
+        })
+    }
+
+    /// Applies a change (kernel semantics). Returns the new listen port if it changed.
+    pub fn set(&self, u: &DeviceUpdate) -> Result<Option<u16>, i32> {
+        let mut st = self.lock()?;
+        let st = &mut *st;
+        if let Some(k) = &u.private_key {
+            if k.expose_bytes().iter().all(|b| *b == 0) {
+                return Err(EINVAL);
+            }
+            let changed = st
+                .id
+                .as_ref()
+                .is_none_or(|i| i.key.public_key() != k.public_key());
+            if changed {
+                let secret = x25519::StaticSecret::from(*k.expose_bytes());
+                let public = x25519::PublicKey::from(&secret);
+                let limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+                for p in st.peers.values_mut() {
+                    p.tunn
+                        .set_static_private(secret.clone(), public, Some(limiter.clone()));
+                }
+                st.id = Some(Identity {
+                    key: k.clone(),
+                    secret,
+                    public,
+                    limiter,
+                });
+            }
+        }
+        let mut new_port = None;
+        if let Some(port) = u.listen_port {
+            if port == 0 || port != st.port {
+                let (udp4, udp6) = bind_pair(port, st.buffer_bytes).map_err(|e| {
+                    if e.raw_os_error() == Some(libc::EADDRINUSE) {
+                        EADDRINUSE
+                    } else {
+                        e.raw_os_error().unwrap_or(EIO)
+                    }
+                })?;
+                st.port = udp4.local_port().map_err(|_| EIO)?;
+                let old4 = std::mem::replace(&mut st.udp4, udp4);
+                st.retired.push(old4);
+                if let Some(old6) = std::mem::replace(&mut st.udp6, udp6) {
+                    st.retired.push(old6);
+                }
+                if let Some(mark) = st.fwmark {
+                    set_mark(st, mark)?;
+                }
+                new_port = Some(st.port);
+                self.wake();
+            }
+        }
+        if let Some(mark) = u.fwmark {
+            st.fwmark = (mark != 0).then_some(mark);
+            set_mark(st, mark)?;
+        }
+        if u.replace_peers || !u.peers.is_empty() {
+            let own = st.id.as_ref().map(|i| i.key.public_key());
+            let current: BTreeMap<PublicKey, PeerConfig> = st
+                .peers
+                .iter()
+                .map(|(k, p)| {
+                    let mut c = p.cfg.clone();
+                    c.endpoint = p.endpoint;
+                    (*k, c)
+                })
+                .collect();
+            let plan = plan_peers(&current, own, u);
+            if !plan.add.is_empty() && st.id.is_none() {
+                return Err(ENOKEY);
+            }
+            let adding: std::collections::BTreeSet<PublicKey> =
+                plan.add.iter().map(|(k, _)| *k).collect();
+            let mut gone: Vec<PublicKey> = plan
+                .remove
+                .iter()
+                .filter(|k| !adding.contains(k))
+                .copied()
+                .collect();
+            if plan.replace_peers {
+                gone.extend(st.peers.keys().filter(|k| !adding.contains(k)).copied());
+            }
+            for k in gone {
+                st.remove_peer(&k);
+            }
+            for (k, cfg) in plan.add {
+                st.upsert_peer(k, cfg);
+            }
+        }
+        Ok(new_port)
+    }
+}
+
+fn set_mark(st: &State, mark: u32) -> Result<(), i32> {
+    let socks = std::iter::once(&st.udp4).chain(st.udp6.as_ref());
+    for s in socks {
+        s.set_mark(mark)
+            .map_err(|e| e.raw_os_error().unwrap_or(EIO))?;
+    }
+    Ok(())
+}
+
+/// A random start for peer indices (24 bits), so that indices differ across restarts.
+fn first_index() -> u32 {
+    let mut b = [0u8; 4];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    u32::from_le_bytes(b) & 0x00ff_ffff
+}
+
+impl State {
+    fn remove_peer(&mut self, k: &PublicKey) {
+        if let Some(p) = self.peers.remove(k) {
+            self.by_index.remove(&p.index);
+            self.routes.remove(&|v: &PublicKey| v == k);
+        }
+    }
+
+    fn alloc_index(&mut self) -> u32 {
+        loop {
+            let i = self.next_index;
+            self.next_index = (self.next_index + 1) & 0x00ff_ffff;
+            if !self.by_index.contains_key(&i) {
+                return i;
+            }
+        }
+    }
+
+    fn new_tunn(&self, k: &PublicKey, cfg: &PeerConfig, index: u32) -> Option<Tunn> {
+        let id = self.id.as_ref()?;
+        Some(Tunn::new(
+            id.secret.clone(),
+            x25519::PublicKey::from(*k.as_bytes()),
+            cfg.preshared_key.as_ref().map(|p| *p.expose_bytes()),
+            (cfg.keepalive != 0).then_some(cfg.keepalive),
+            index,
+            Some(id.limiter.clone()),
+        ))
+    }
+
+    /// Adds a peer, or updates it in place keeping its session when possible.
+    fn upsert_peer(&mut self, k: PublicKey, cfg: PeerConfig) {
+        let restart = match self.peers.get(&k) {
+            None => true,
+            Some(p) => p.cfg.preshared_key != cfg.preshared_key || p.cfg.keepalive != cfg.keepalive,
+        };
+        if restart {
+            let old_endpoint = self.peers.get(&k).and_then(|p| p.endpoint);
+            self.remove_peer(&k);
+            let index = self.alloc_index();
+            let Some(tunn) = self.new_tunn(&k, &cfg, index) else {
+                return;
+            };
+            self.by_index.insert(index, k);
+            self.peers.insert(
+                k,
+                Peer {
+                    tunn,
+                    index,
+                    endpoint: cfg.endpoint.or(old_endpoint),
+                    cfg: cfg.clone(),
+                },
+            );
+        } else if let Some(p) = self.peers.get_mut(&k) {
+            if cfg.endpoint.is_some() {
+                p.endpoint = cfg.endpoint;
+            }
+            p.cfg = cfg.clone();
+        }
+        self.routes.remove(&|v: &PublicKey| *v == k);
+        for net in &cfg.allowed_ips {
+            self.routes
+                .insert(net.addr(), u32::from(net.prefix_len()), k);
+        }
+    }
+}
+
+/// The data thread's buffers.
+struct DataPath {
+    tun: Tun,
+    frame: Vec<u8>,
+    scratch: Vec<u8>,
+    /// Encrypted datagrams, back to back, and their lengths.
+    out: Vec<u8>,
+    out_lens: Vec<usize>,
+    recv: Vec<u8>,
+    dec: Vec<u8>,
+    gro: Gro,
+    /// Replies (handshake responses, cookies, queued packets) to send after a receive batch.
+    replies: Vec<(Vec<u8>, SocketAddr)>,
+}
+
+impl DataPath {
+    fn new(tun: Tun) -> DataPath {
+        DataPath {
+            tun,
+            frame: vec![0; FRAME],
+            scratch: Vec::with_capacity(FRAME),
+            out: Vec::with_capacity(2 * FRAME),
+            out_lens: Vec::with_capacity(128),
+            recv: vec![0; 65536],
+            dec: vec![0; 65536],
+            gro: Gro::new(),
+            replies: Vec::new(),
+        }
+    }
+
+    fn run(mut self, sh: &Shared) {
+        let mut next_tick = Instant::now() + TICK;
+        let mut next_limiter_reset = Instant::now() + Duration::from_secs(1);
+        while !sh.stop.load(Ordering::SeqCst) {
+            let (fd4, fd6) = match sh.state.lock() {
+                Ok(mut st) => {
+                    st.retired.clear();
+                    (
+                        st.udp4.as_fd().as_raw_fd(),
+                        st.udp6
+                            .as_ref()
+                            .map(|u| u.as_fd().as_raw_fd())
+                            .unwrap_or(-1),
+                    )
+                }
+                Err(_) => return,
+            };
+            let timeout = next_tick
+                .saturating_duration_since(Instant::now())
+                .as_millis()
+                .min(250) as i32;
+            // The sockets stay open during the call: one replaced meanwhile is only retired,
+            // and closed after the wake-up that follows.
+            let ready = sys::poll_readable(
+                [
+                    self.tun.as_fd().as_raw_fd(),
+                    fd4,
+                    fd6,
+                    sh.wake.as_fd().as_raw_fd(),
+                ],
+                timeout,
+            );
+            if ready[3] {
+                sh.wake.clear();
+            }
+            let Ok(mut st) = sh.state.lock() else { return };
+            if ready[0] {
+                self.tun_to_network(&mut st);
+            }
+            if ready[1] {
+                self.network_to_tun(&mut st, false);
+            }
+            if ready[2] {
+                self.network_to_tun(&mut st, true);
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                next_tick = now + TICK;
+                self.timers(&mut st);
+            }
+            if now >= next_limiter_reset {
+                next_limiter_reset = now + Duration::from_secs(1);
+                if let Some(id) = &st.id {
+                    id.limiter.reset_count();
+                }
+            }
+        }
+    }
+
+    /// Reads frames from the TUN, encrypts them and sends the datagrams.
+    fn tun_to_network(&mut self, st: &mut State) {
+        for _ in 0..BURST {
+            let n = match self.tun.read(&mut self.frame) {
+                Ok(n) => n,
+                Err(_) => return, // WouldBlock, or the interface went away
+            };
+            if n <= VNET_HDR_LEN {
+                continue;
+            }
+            let Some(h) = VnetHdr::parse(&self.frame) else {
+                continue;
+            };
+            let pkt = &mut self.frame[VNET_HDR_LEN..n];
+            let Some(dst) = Tunn::dst_address(pkt) else {
+                continue;
+            };
+            let Some(k) = st.routes.find(dst).copied() else {
+                continue;
+            };
+            let Some(peer) = st.peers.get_mut(&k) else {
+                continue;
+            };
+            self.out.clear();
+            self.out_lens.clear();
+            let (out, lens, tunn) = (&mut self.out, &mut self.out_lens, &mut peer.tunn);
+            let res = offload::split(pkt, &h, &mut self.scratch, |seg| {
+                let start = out.len();
+                out.resize(start + (seg.len() + 32).max(148), 0);
+                match tunn.encapsulate(seg, &mut out[start..]) {
+                    TunnResult::WriteToNetwork(d) => {
+                        let l = d.len();
+                        out.truncate(start + l);
+                        lens.push(l);
+                    }
+                    _ => out.truncate(start),
+                }
+            });
+            if res.is_err() {
+                continue;
+            }
+            if let Some(ep) = peer.endpoint {
+                send_batch(st, &self.out, &self.out_lens, ep);
+            }
+        }
+    }
+
+    /// Receives datagrams, decrypts them and writes the packets (coalesced) to the TUN.
+    fn network_to_tun(&mut self, st: &mut State, v6: bool) {
+        for _ in 0..BURST {
+            let sock = if v6 { st.udp6.as_ref() } else { Some(&st.udp4) };
+            let Some(sock) = sock else { return };
+            let (n, seg, from) = match sock.recv(&mut self.recv) {
+                Ok(r) => r,
+                Err(_) => break,
+            };
+            let seg = seg.max(1);
+            let mut off = 0;
+            while off < n {
+                let end = (off + seg).min(n);
+                self.datagram(st, off, end, from);
+                off = end;
+            }
+            // Packets of one recv are one sender's burst: write them out before the next, so
+            // that a queue never grows beyond one GRO batch.
+            let tun = &self.tun;
+            self.gro.flush(|f| {
+                let _ = tun.write(f);
+            });
+            for (d, to) in self.replies.drain(..) {
+                send_batch(st, &d, &[d.len()], to);
+            }
+        }
+    }
+
+    fn datagram(&mut self, st: &mut State, start: usize, end: usize, from: SocketAddr) {
+        let d = &self.recv[start..end];
+        let Ok(packet) = Tunn::parse_incoming_packet(d) else {
+            return;
+        };
+        let key = match &packet {
+            Packet::HandshakeInit(p) => {
+                let Some(id) = &st.id else { return };
+                // mac1, and under load the cookie, before the Diffie-Hellman that finds the peer
+                // (as boringtun's device does). `decapsulate` checks again and counts the
+                // handshake a second time: under a flood, cookies are asked for at half the rate.
+                let mut cookie = [0u8; 64];
+                match id.limiter.verify_packet(Some(from.ip()), d, &mut cookie) {
+                    Ok(_) => {}
+                    Err(TunnResult::WriteToNetwork(c)) => {
+                        self.replies.push((c.to_vec(), from));
+                        return;
+                    }
+                    Err(_) => return,
+                }
+                match parse_handshake_anon(&id.secret, &id.public, p) {
+                    Ok(hh) => PublicKey::from_bytes(hh.peer_static_public),
+                    Err(_) => return,
+                }
+            }
+            Packet::HandshakeResponse(p) => match st.by_index.get(&(p.receiver_idx >> 8)) {
+                Some(k) => *k,
+                None => return,
+            },
+            Packet::PacketCookieReply(p) => match st.by_index.get(&(p.receiver_idx >> 8)) {
+                Some(k) => *k,
+                None => return,
+            },
+            Packet::PacketData(p) => match st.by_index.get(&(p.receiver_idx >> 8)) {
+                Some(k) => *k,
+                None => return,
+            },
+        };
+        let Some(peer) = st.peers.get_mut(&key) else {
+            return;
+        };
+        match peer.tunn.decapsulate(Some(from.ip()), d, &mut self.dec) {
+            TunnResult::Done => {}
+            TunnResult::Err(_) => return,
+            TunnResult::WriteToNetwork(r) => {
+                self.replies.push((r.to_vec(), from));
+                // Packets queued while the handshake was under way.
+                while let TunnResult::WriteToNetwork(q) =
+                    peer.tunn.decapsulate(None, &[], &mut self.dec)
+                {
+                    self.replies.push((q.to_vec(), from));
+                }
+            }
+            TunnResult::WriteToTunnelV4(p, src) => {
+                if st.routes.find(IpAddr::V4(src)) == Some(&key) {
+                    self.gro.push(p);
+                }
+            }
+            TunnResult::WriteToTunnelV6(p, src) => {
+                if st.routes.find(IpAddr::V6(src)) == Some(&key) {
+                    self.gro.push(p);
+                }
+            }
+        }
+        // Authenticated: the peer is at this address now (roaming).
+        if let Some(peer) = st.peers.get_mut(&key) {
+            peer.endpoint = Some(from);
+        }
+    }
+
+    fn timers(&mut self, st: &mut State) {
+        let mut sends = Vec::new();
+        for p in st.peers.values_mut() {
+            if let TunnResult::WriteToNetwork(d) = p.tunn.update_timers(&mut self.dec) {
+                if let Some(ep) = p.endpoint {
+                    sends.push((d.to_vec(), ep));
+                }
+            }
+        }
+        for (d, ep) in sends {
+            send_batch(st, &d, &[d.len()], ep);
+        }
+    }
+}
+
+/// Sends back-to-back datagrams of the given lengths to `to`, as few GSO sends as the rule
+/// allows (a run of equal lengths, possibly ending with one shorter datagram).
+fn send_batch(st: &mut State, data: &[u8], lens: &[usize], to: SocketAddr) {
+    let sock = match to {
+        SocketAddr::V4(_) => &mut st.udp4,
+        SocketAddr::V6(_) => match st.udp6.as_mut() {
+            Some(s) => s,
+            None => return,
+        },
+    };
+    let mut off = 0;
+    for (segment, total) in gso_groups(lens) {
+        let _ = sock.send(&data[off..off + total], segment, to);
+        off += total;
+    }
+}
+
+/// Groups back-to-back datagrams of the given lengths into UDP GSO sends: each group is a run of
+/// datagrams of its first one's length, possibly ending with one shorter datagram, at most
+/// [`MAX_GSO_SEGMENTS`] datagrams and [`MAX_GSO_BYTES`] bytes (one datagram always makes a
+/// group). Returns (segment size, total bytes) per group, in order.
+fn gso_groups(lens: &[usize]) -> Vec<(usize, usize)> {
+    let mut groups = Vec::new();
+    let mut i = 0;
+    while i < lens.len() {
+        let size = lens[i];
+        let mut total = size;
+        let mut j = i + 1;
+        while j < lens.len()
+            && j - i < MAX_GSO_SEGMENTS
+            && total + lens[j] <= MAX_GSO_BYTES
+            && lens[j] <= size
+        {
+            total += lens[j];
+            j += 1;
+            if lens[j - 1] < size {
+                break;
+            }
+        }
+        groups.push((size, total));
+        i = j;
+    }
+    groups
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.wake();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gso_groups_follow_the_kernel_rule() {
+        assert_eq!(gso_groups(&[]), vec![]);
+        assert_eq!(gso_groups(&[100]), vec![(100, 100)]);
+        // Equal sizes, then a shorter last one: one send.
+        assert_eq!(gso_groups(&[100, 100, 60]), vec![(100, 260)]);
+        // Nothing may follow a shorter datagram; a longer one starts a new group.
+        assert_eq!(
+            gso_groups(&[100, 60, 100, 148, 100]),
+            vec![(100, 160), (100, 100), (148, 248)]
+        );
+        // Limits: segments and bytes.
+        let many = vec![1000; 70];
+        let g = gso_groups(&many);
+        assert_eq!(g[0], (1000, 64_000));
+        assert_eq!(g[1], (1000, 6_000));
+        let big = vec![1452; 50];
+        let g = gso_groups(&big);
+        assert!(g.iter().all(|(_, t)| *t <= MAX_GSO_BYTES));
+        assert_eq!(g.iter().map(|(_, t)| t).sum::<usize>(), 1452 * 50);
+    }
+}
