@@ -37,6 +37,35 @@ pub struct NodeRecord {
     /// with the same name, does not).
     #[serde(default)]
     pub identity_sha256: String,
+    /// The last bundle a certificate renewal issued to the node, kept so that a node that crashed
+    /// between the control plane's answer and writing it can still fetch it (see
+    /// [`LastRenewal`]). Never sent to peers ([`NodeRecord::for_peers`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_renewal: Option<LastRenewal>,
+}
+
+/// What `POST /v1/certs/renew` issued last, in the node's record: the renewal binds the node to its
+/// new identity key in the same write, so a node killed before it wrote the answer holds only its
+/// previous identity. That identity may fetch this bundle (and nothing else) with
+/// `GET /v1/certs/last`, as long as the bundle's identity certificate is valid; the node installs it
+/// with the keys it kept aside before the request. Certificates are public: the bundle is useless
+/// without those keys.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastRenewal {
+    /// SHA-256 of the SubjectPublicKeyInfo of the identity the renewal replaced.
+    pub previous_identity_sha256: String,
+    /// The certificates issued (PEM).
+    pub certs: crate::api::NodeCerts,
+    /// When, Unix seconds.
+    pub issued: u64,
+}
+
+impl NodeRecord {
+    /// The record as peers and listings see it: without [`NodeRecord::last_renewal`].
+    pub fn for_peers(mut self) -> NodeRecord {
+        self.last_renewal = None;
+        self
+    }
 }
 
 /// Store prefix of address claims: each node address belongs to one node.

@@ -50,7 +50,7 @@ pub struct NodeCsrs {
 }
 
 /// The certificates issued for [`NodeCsrs`] (PEM), same fields.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeCerts {
     /// kubelet client.
     pub kubelet_client: String,
