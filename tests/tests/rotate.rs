@@ -867,3 +867,196 @@ fn hooks_run_after_their_entry_renewed_and_their_failures_are_reported() {
     meshd_ok(&["rotate", "--data-dir", &d, "--force", "all", "--dry-run"]);
     assert_eq!(read(&mark), "apiserver\napiserver\n");
 }
+
+/// Fails clearly when the binary was built without failpoints.
+fn require_failpoints() {
+    let out = meshd(&["debug", "failpoints"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(
+        v["enabled"],
+        true,
+        "{} has no failpoints: build it with `cargo build -p meshd --features failpoints`",
+        meshd_bin().display()
+    );
+}
+
+/// A node killed between the control plane's answer to `POST /v1/certs/renew` (which binds it to
+/// its new identity key) and writing that answer heals on its next pass: it fetches the bundle with
+/// its previous identity (`GET /v1/certs/last`), installs it with the keys it kept aside, and renews
+/// again later. The previous identity is refused for everything else. A crash before the request
+/// (the keys kept aside, nothing bound to them) is undone the same way: the keys are discarded.
+#[test]
+fn a_node_killed_after_the_renewal_answer_heals_on_its_next_pass() {
+    require_failpoints();
+    let root = tempdir("meshd-rotate-heal-");
+    let cp = root.path().join("cp");
+    let port = free_port();
+    meshd_ok(&[
+        "init",
+        "--data-dir",
+        path_str(&cp),
+        "--node-name",
+        "cp1",
+        "--advertise-address",
+        "127.0.0.1",
+        "--api-port",
+        &port.to_string(),
+        "--cert-lifetime",
+        "1h",
+        "--output",
+        "json",
+    ]);
+    let cp_log = root.path().join("cp-run.log");
+    let _cp_run = start_run(&cp, &cp_log);
+    let t: serde_json::Value = serde_json::from_str(&meshd_ok(&[
+        "token",
+        "create",
+        "--data-dir",
+        path_str(&cp),
+        "--output",
+        "json",
+    ]))
+    .expect("token json");
+    let node = root.path().join("n1");
+    let n = path_str(&node).to_owned();
+    meshd_ok(&[
+        "join",
+        "--data-dir",
+        &n,
+        "--server",
+        &format!("127.0.0.1:{port}"),
+        "--token",
+        t["token"].as_str().expect("token"),
+        "--ca-hash",
+        t["ca_hash"].as_str().expect("ca_hash"),
+        "--node-name",
+        "n1",
+        "--advertise-address",
+        "127.0.0.2",
+        "--output",
+        "json",
+    ]);
+    let pending = node.join("pki/meshd/renew-pending.keys");
+    let rt = runtime();
+    let ca = read(&node.join("pki/ca.crt"));
+    let client = |pair: &(String, String)| {
+        let tls = meshd::tls::client_config(&ca, &pair.0, &pair.1).expect("tls");
+        meshd::api::client::ApiClient::new(&format!("127.0.0.1:{port}"), tls).expect("client")
+    };
+    let status_of = |r: Result<serde_json::Value, meshd::api::client::ClientError>| match r {
+        Ok(_) => 200,
+        Err(meshd::api::client::ClientError::Status { status, .. }) => status,
+        Err(e) => panic!("no answer: {e}"),
+    };
+    let get = |pair: &(String, String), path: &str| {
+        status_of(rt.block_on(client(pair).call::<serde_json::Value>(
+            hyper::Method::GET,
+            path,
+            None::<&()>,
+        )))
+    };
+    // A well-formed renewal request, so that only the identity decides.
+    let renew = |pair: &(String, String)| {
+        let mut csrs = Vec::new();
+        for e in pki::inventory::node_entries("n1", &["127.0.0.2".parse().expect("ip")]) {
+            let k =
+                pki::keys::PrivateKey::generate(pki::keys::KeyAlgorithm::EcdsaP256).expect("key");
+            csrs.push((e.id, pki::csr::build_csr(&e.profile, &k).expect("csr")));
+        }
+        let csr = |id: &str| csrs.iter().find(|c| c.0 == id).expect("csr").1.clone();
+        let req = meshd::api::NodeCsrs {
+            kubelet_client: csr("kubelet.conf"),
+            kubelet_serving: csr("kubelet-serving"),
+            kube_proxy: csr("kube-proxy.conf"),
+            node_identity: csr("meshd-node"),
+        };
+        status_of(rt.block_on(client(pair).call::<serde_json::Value>(
+            hyper::Method::POST,
+            "/v1/certs/renew",
+            Some(&req),
+        )))
+    };
+
+    // Just joined: no renewal kept.
+    let joined = node_identity(&node);
+    assert_eq!(get(&joined, "/v1/certs/last"), 404);
+
+    // Killed right after the control plane's answer.
+    let out = run(Command::new(meshd_bin())
+        .args(["rotate", "--force", "all", "--data-dir", &n])
+        .env("FAILPOINTS", "rotate::node_after_response=panic"));
+    assert_eq!(out.status.code(), None, "a crash: {}", describe(&out));
+    assert_eq!(node_identity(&node), joined, "nothing was written");
+    assert!(pending.exists(), "the new keys are kept aside");
+    // The identity the node holds no longer speaks for it...
+    for path in ["/v1/nodes", "/v1/peers/watch"] {
+        assert_eq!(get(&joined, path), 401, "{path}");
+    }
+    assert_eq!(renew(&joined), 401, "the previous identity renews again");
+    // ...but may fetch the bundle it was issued (public certificates, useless without the keys).
+    let bundle: meshd::api::NodeCerts = rt
+        .block_on(client(&joined).call(hyper::Method::GET, "/v1/certs/last", None::<&()>))
+        .expect("the previous identity fetches its last renewal");
+    assert_ne!(bundle.node_identity, joined.0);
+
+    // The next pass completes the renewal, without an operator.
+    let out = meshd(&["rotate", "--data-dir", &n, "--output", "json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("report json");
+    let recovered = r["recovered"].to_string();
+    assert!(
+        recovered.contains("completed a renewal interrupted after the control plane's answer")
+            && recovered.contains("meshd-node"),
+        "{r:#}"
+    );
+    assert!(!pending.exists(), "the kept keys are removed once live");
+    let healed = node_identity(&node);
+    assert_eq!(healed.0, bundle.node_identity);
+    assert!(read(&node.join("kubelet/pki/kubelet-client-current.pem"))
+        .contains(bundle.kubelet_client.trim()));
+    meshd_ok(&["certs", "check", "--data-dir", &n]);
+    assert_eq!(get(&healed, "/v1/nodes"), 200);
+    assert_eq!(
+        get(&joined, "/v1/nodes"),
+        401,
+        "the previous identity after healing"
+    );
+    assert_eq!(renew(&joined), 401);
+
+    // It renews again, with the healed identity; then neither earlier identity gets anything,
+    // not even the last bundle.
+    let out = meshd(&["rotate", "--data-dir", &n, "--force", "all"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let again = node_identity(&node);
+    assert_ne!(again.0, healed.0);
+    for (what, pair) in [("joined", &joined), ("healed", &healed)] {
+        for path in ["/v1/nodes", "/v1/peers/watch"] {
+            assert_eq!(get(pair, path), 401, "{what} {path}");
+        }
+        assert_eq!(renew(pair), 401, "{what}");
+    }
+    assert_eq!(get(&joined, "/v1/certs/last"), 401, "an older identity");
+    assert_eq!(get(&again, "/v1/nodes"), 200);
+
+    // Killed before the request (the keys just kept aside): nothing was bound to them, and the
+    // next pass discards them.
+    let out = run(Command::new(meshd_bin())
+        .args(["rotate", "--force", "all", "--data-dir", &n])
+        .env("FAILPOINTS", "store::write_atomic::before_dir_fsync=panic"));
+    assert_eq!(out.status.code(), None, "a crash: {}", describe(&out));
+    assert!(pending.exists());
+    assert_eq!(node_identity(&node), again);
+    let out = meshd(&["rotate", "--data-dir", &n]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("discarded the keys of an interrupted renewal"),
+        "{}",
+        describe(&out)
+    );
+    assert!(!pending.exists());
+    assert_eq!(node_identity(&node), again);
+    assert_eq!(get(&again, "/v1/nodes"), 200);
+    meshd_ok(&["certs", "check", "--data-dir", &n]);
+}
