@@ -1060,3 +1060,172 @@ fn a_node_killed_after_the_renewal_answer_heals_on_its_next_pass() {
     assert_eq!(get(&again, "/v1/nodes"), 200);
     meshd_ok(&["certs", "check", "--data-dir", &n]);
 }
+
+/// One etcd process on fixed URLs and data directory (so that it can be restarted as it was), with
+/// the etcd certificates of a meshd data directory; waits until etcd answers.
+fn spawn_etcd(
+    dir: &Path,
+    data: &Path,
+    client: &str,
+    peer: &str,
+    log: &Path,
+) -> Result<ChildGuard, String> {
+    let pki = dir.join("pki/etcd");
+    let p = |f: &str| path_str(&pki.join(f)).to_owned();
+    let mut cmd = Command::new("etcd");
+    cmd.args(["--name", "cp1", "--data-dir"])
+        .arg(data)
+        .args([
+            "--listen-client-urls",
+            client,
+            "--advertise-client-urls",
+            client,
+        ])
+        .args([
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+        ])
+        .args(["--initial-cluster", &format!("cp1={peer}")])
+        .args([
+            "--cert-file",
+            &p("server.crt"),
+            "--key-file",
+            &p("server.key"),
+        ])
+        .args(["--trusted-ca-file", &p("ca.crt"), "--client-cert-auth"])
+        .args([
+            "--peer-cert-file",
+            &p("peer.crt"),
+            "--peer-key-file",
+            &p("peer.key"),
+        ])
+        .args([
+            "--peer-trusted-ca-file",
+            &p("ca.crt"),
+            "--peer-client-cert-auth",
+        ]);
+    let mut g = ChildGuard::spawn("etcd", &mut cmd, log);
+    let ok = wait_for(Duration::from_secs(30), || {
+        if !g.alive() {
+            return Some(false);
+        }
+        let out = run(Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", client, "--dial-timeout", "2s"])
+            .args(["--cacert", &p("ca.crt")])
+            .args(["--cert", &p("healthcheck-client.crt")])
+            .args(["--key", &p("healthcheck-client.key")])
+            .args(["endpoint", "health"]));
+        out.status.success().then_some(true)
+    });
+    match ok {
+        Some(true) => Ok(g),
+        _ => Err(read(log)),
+    }
+}
+
+/// `meshd run --store etcd` keeps working after its own etcd client certificate (`meshd-etcd-client`)
+/// rotated and the first one expired, across an etcd restart that forces a new connection: the
+/// store's client is rebuilt with the renewed pair on every rotation of that entry.
+#[test]
+fn the_etcd_store_reconnects_with_its_renewed_client_certificate() {
+    require_tool("etcd", "etcd-server");
+    require_tool("etcdctl", "etcd-client");
+    let root = tempdir("meshd-rotate-etcd-client-");
+    let cp = root.path().join("cp");
+    let port = free_port();
+    meshd_ok(&[
+        "init",
+        "--data-dir",
+        path_str(&cp),
+        "--node-name",
+        "cp1",
+        "--advertise-address",
+        "127.0.0.1",
+        "--api-port",
+        &port.to_string(),
+        "--cert-lifetime",
+        "30s",
+        "--store",
+        "etcd",
+        "--etcd-endpoints",
+        "https://127.0.0.1:1",
+        "--output",
+        "json",
+    ]);
+    // etcd on free ports (retried when one was taken meanwhile); meshd pointed at it.
+    let data = root.path().join("etcd-data");
+    let mut started = None;
+    for attempt in 0..3 {
+        let client = format!("https://127.0.0.1:{}", free_port());
+        let peer = format!("https://127.0.0.1:{}", free_port());
+        let log = root.path().join(format!("etcd-{attempt}.log"));
+        match spawn_etcd(&cp, &data, &client, &peer, &log) {
+            Ok(g) => {
+                started = Some((g, client, peer));
+                break;
+            }
+            Err(l) if l.contains("address already in use") => {
+                let _ = std::fs::remove_dir_all(&data);
+            }
+            Err(l) => panic!("etcd did not start:\n{l}"),
+        }
+    }
+    let (etcd, client, peer) = started.expect("etcd could not bind free ports three times");
+    let mut cfg = meshd::settings::require_config(&cp).expect("meshd.json");
+    cfg.store.etcd_endpoints = vec![client.clone()];
+    meshd::settings::save_config(&cp, &cfg).expect("meshd.json");
+
+    let first =
+        pki::inspect::inspect_pem(&read(&cp.join("pki/etcd/meshd-client.crt"))).expect("cert");
+    let log = root.path().join("run.log");
+    let mut g = start_run(&cp, &log);
+    meshd_ok(&["node", "list", "--data-dir", path_str(&cp)]);
+    // The first client certificate renewed and the store reconnected with the new one, at least
+    // twice, and the first one has expired.
+    let done = wait_for(Duration::from_secs(120), || {
+        if !g.alive() {
+            return Some(false);
+        }
+        let l = read(&log);
+        (count(
+            &l,
+            "etcd store: reconnected with the renewed meshd-etcd-client certificate",
+        ) >= 2
+            && std::time::SystemTime::now() > first.not_after + Duration::from_secs(1))
+        .then_some(true)
+    });
+    assert_eq!(done, Some(true), "meshd run:\n{}", read(&log));
+    let live =
+        pki::inspect::inspect_pem(&read(&cp.join("pki/etcd/meshd-client.crt"))).expect("cert");
+    assert_ne!(live.serial, first.serial);
+
+    // etcd restarts: every connection is new, and only a valid client certificate gets in.
+    drop(etcd);
+    let etcd = spawn_etcd(
+        &cp,
+        &data,
+        &client,
+        &peer,
+        &root.path().join("etcd-restart.log"),
+    )
+    .unwrap_or_else(|l| panic!("etcd did not restart:\n{l}"));
+    // The API reads the store: it answers again once the client reconnected.
+    let back = wait_for(Duration::from_secs(30), || {
+        run(Command::new(meshd_bin()).args(["node", "list", "--data-dir", path_str(&cp)]))
+            .status
+            .success()
+            .then_some(())
+    });
+    assert!(
+        back.is_some(),
+        "the store did not come back after the etcd restart:\n{}",
+        read(&log)
+    );
+    assert!(g.alive(), "{}", read(&log));
+    assert!(!read(&log).contains("cannot be used"), "{}", read(&log));
+    drop(g);
+    drop(etcd);
+}
