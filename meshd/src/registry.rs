@@ -41,7 +41,7 @@ pub struct NodeRecord {
     /// between the control plane's answer and writing it can still fetch it (see
     /// [`LastRenewal`]). Never sent to peers ([`NodeRecord::for_peers`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_renewal: Option<LastRenewal>,
+    pub last_renewal: Option<Box<LastRenewal>>,
 }
 
 /// What `POST /v1/certs/renew` issued last, in the node's record: the renewal binds the node to its

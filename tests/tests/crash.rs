@@ -661,7 +661,7 @@ fn meshd_rotate_starts_with_the_recovery() {
     );
     assert_all_valid(dir, "after meshd rotate's recovery");
     // A second pass has nothing to recover and, nothing being due, says nothing.
-    let out = run(&mut Command::new(meshd_bin())
+    let out = run(Command::new(meshd_bin())
         .args(["rotate", "--data-dir"])
         .arg(dir));
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));

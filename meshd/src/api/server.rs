@@ -920,11 +920,11 @@ async fn renew_certs(
     let certs = sign_node_csrs(state, node, &rec.addresses, &csrs, now)?;
     // From now on the new identity key speaks for the node; the bundle is kept for a node that
     // crashes before writing it (`GET /v1/certs/last`).
-    rec.last_renewal = Some(registry::LastRenewal {
+    rec.last_renewal = Some(Box::new(registry::LastRenewal {
         previous_identity_sha256: rec.identity_sha256.clone(),
         certs: certs.clone(),
         issued: unix(now),
-    });
+    }));
     rec.identity_sha256 = identity_hash(&certs)?;
     let bytes = serde_json::to_vec(&rec).map_err(ApiError::internal)?;
     if state
