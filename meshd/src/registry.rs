@@ -120,4 +120,31 @@ mod tests {
             assert!(validate_node_name(bad).is_err(), "{bad}");
         }
     }
+
+    #[test]
+    fn records_without_a_kept_renewal_still_parse_and_peers_never_see_one() {
+        let old = r#"{"version":1,"name":"n1","addresses":["10.0.0.1"],"wireguard_public_key":"k",
+            "endpoint":"10.0.0.1:51820","subnet":"10.244.1.0/24","registered":1,"identity_sha256":"aa"}"#;
+        let mut rec: NodeRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(rec.last_renewal, None);
+        assert!(!serde_json::to_string(&rec)
+            .unwrap()
+            .contains("last_renewal"));
+        rec.last_renewal = Some(Box::new(LastRenewal {
+            previous_identity_sha256: "bb".into(),
+            certs: crate::api::NodeCerts {
+                kubelet_client: "c1".into(),
+                kubelet_serving: "c2".into(),
+                kube_proxy: "c3".into(),
+                node_identity: "c4".into(),
+            },
+            issued: 2,
+        }));
+        let stored = serde_json::to_string(&rec).unwrap();
+        let back: NodeRecord = serde_json::from_str(&stored).unwrap();
+        assert_eq!(back, rec);
+        let public = back.for_peers();
+        assert_eq!(public.last_renewal, None);
+        assert_eq!(public.identity_sha256, "aa");
+    }
 }
