@@ -7,8 +7,9 @@
 //! * a full disk (a small tmpfs): the rotation fails naming the file and saying so, the old pairs
 //!   stay live and valid, and a later rotation succeeds once there is room.
 //!
-//! The rotation is the whole control-plane inventory re-issued through the pair store; the command
-//! is built in one place, [`rotate_all`]. Every check reads the files consumers read (the public
+//! The rotation is the real `meshd rotate --force all` (the whole control-plane inventory re-issued
+//! through the pair store, the embedded `admin.conf`/`super-admin.conf` replaced atomically, after
+//! the start-up recovery it runs first); the command is built in one place, [`rotate_all`]. Every check reads the files consumers read (the public
 //! paths through the store's links) and verifies them with the `pki` crate, and `meshd certs check`
 //! must pass; openssl cross-checks every entry at the end of each test.
 
