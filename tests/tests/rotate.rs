@@ -1229,3 +1229,125 @@ fn the_etcd_store_reconnects_with_its_renewed_client_certificate() {
     drop(g);
     drop(etcd);
 }
+
+/// A node killed after the renewal answer that stays down until the bundle kept for it expired
+/// cannot heal on its own (its identity expired too); `meshd join --rejoin` restores it, proving with
+/// the identity key the interrupted renewal had kept aside (the one the control plane registered).
+#[test]
+fn a_node_down_until_its_kept_renewal_expired_is_restored_by_rejoin() {
+    require_failpoints();
+    let root = tempdir("meshd-rotate-heal-expired-");
+    let cp = root.path().join("cp");
+    let port = free_port();
+    meshd_ok(&[
+        "init",
+        "--data-dir",
+        path_str(&cp),
+        "--node-name",
+        "cp1",
+        "--advertise-address",
+        "127.0.0.1",
+        "--api-port",
+        &port.to_string(),
+        "--cert-lifetime",
+        "10s",
+        "--output",
+        "json",
+    ]);
+    let cp_log = root.path().join("cp-run.log");
+    let _cp_run = start_run(&cp, &cp_log);
+    let token = || -> serde_json::Value {
+        serde_json::from_str(&meshd_ok(&[
+            "token",
+            "create",
+            "--data-dir",
+            path_str(&cp),
+            "--output",
+            "json",
+        ]))
+        .expect("token json")
+    };
+    let t = token();
+    let node = root.path().join("n1");
+    let n = path_str(&node).to_owned();
+    let server = format!("127.0.0.1:{port}");
+    meshd_ok(&[
+        "join",
+        "--data-dir",
+        &n,
+        "--server",
+        &server,
+        "--token",
+        t["token"].as_str().expect("token"),
+        "--ca-hash",
+        t["ca_hash"].as_str().expect("ca_hash"),
+        "--node-name",
+        "n1",
+        "--advertise-address",
+        "127.0.0.2",
+        "--output",
+        "json",
+    ]);
+    let pending = node.join("pki/meshd/renew-pending.keys");
+    let out = run(Command::new(meshd_bin())
+        .args(["rotate", "--force", "all", "--data-dir", &n])
+        .env("FAILPOINTS", "rotate::node_after_response=panic"));
+    assert_eq!(out.status.code(), None, "a crash: {}", describe(&out));
+    assert!(pending.exists());
+    let held = node_identity(&node);
+    let rt = runtime();
+    let ca = read(&node.join("pki/ca.crt"));
+    let tls = meshd::tls::client_config(&ca, &held.0, &held.1).expect("tls");
+    let c = meshd::api::client::ApiClient::new(&server, tls).expect("client");
+    let bundle: meshd::api::NodeCerts = rt
+        .block_on(c.call(hyper::Method::GET, "/v1/certs/last", None::<&()>))
+        .expect("the kept bundle");
+    // Down until both the identity it holds and the kept bundle expired.
+    let end = [&held.0, &bundle.node_identity]
+        .iter()
+        .map(|p| pki::inspect::inspect_pem(p).expect("cert").not_after)
+        .max()
+        .expect("two");
+    let expired = wait_for(Duration::from_secs(60), || {
+        (std::time::SystemTime::now() > end + Duration::from_secs(1)).then_some(())
+    });
+    assert!(expired.is_some());
+    // Its own pass cannot complete the renewal, says why, and keeps the keys.
+    let out = meshd(&["rotate", "--data-dir", &n]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("meshd join --rejoin"),
+        "{}",
+        describe(&out)
+    );
+    assert!(pending.exists());
+    // A rejoin proves with the kept identity key (the registered one) and restores the node.
+    let t = token();
+    let out = meshd(&[
+        "join",
+        "--rejoin",
+        "--data-dir",
+        &n,
+        "--server",
+        &server,
+        "--token",
+        t["token"].as_str().expect("token"),
+        "--ca-hash",
+        t["ca_hash"].as_str().expect("ca_hash"),
+        "--output",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}\ncontrol plane:\n{}",
+        describe(&out),
+        read(&cp_log)
+    );
+    assert!(!pending.exists(), "the renewal's keys are discarded");
+    meshd_ok(&["certs", "check", "--data-dir", &n]);
+    let now = node_identity(&node);
+    let tls = meshd::tls::client_config(&ca, &now.0, &now.1).expect("tls");
+    let c = meshd::api::client::ApiClient::new(&server, tls).expect("client");
+    rt.block_on(c.call::<serde_json::Value>(hyper::Method::GET, "/v1/nodes", None::<&()>))
+        .expect("the restored identity speaks for the node");
+}
