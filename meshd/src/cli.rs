@@ -314,12 +314,6 @@ pub struct JoinArgs {
 /// `meshd debug ...` (hidden; see `crate::debug`).
 #[derive(Debug, Subcommand)]
 pub enum DebugCommand {
-    /// Re-issue every control-plane leaf through the pair store, as a rotation does.
-    ReissueAll {
-        #[command(flatten)]
-        /// Data directory.
-        dir: DataDir,
-    },
     /// Run the start-up recovery alone; exits 1 when an entry is left without a valid pair.
     Recover {
         #[command(flatten)]
@@ -487,16 +481,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 fn run_debug(cmd: DebugCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        DebugCommand::ReissueAll { dir } => {
-            for r in crate::debug::reissue_all(&dir.data_dir, SystemTime::now())? {
-                out!(
-                    "reissued {} (version {:?}, serial {})",
-                    r.id,
-                    r.version,
-                    r.serial
-                );
-            }
-        }
         DebugCommand::Recover { dir, output } => {
             let rs = crate::recover::recover_locked(&dir.data_dir)?;
             match output {

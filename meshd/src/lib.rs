@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod recover;
 pub mod registry;
 pub mod rejoin;
+pub mod renew_pending;
 pub mod rotate;
 pub mod run;
 pub mod settings;

@@ -37,6 +37,35 @@ pub struct NodeRecord {
     /// with the same name, does not).
     #[serde(default)]
     pub identity_sha256: String,
+    /// The last bundle a certificate renewal issued to the node, kept so that a node that crashed
+    /// between the control plane's answer and writing it can still fetch it (see
+    /// [`LastRenewal`]). Never sent to peers ([`NodeRecord::for_peers`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_renewal: Option<Box<LastRenewal>>,
+}
+
+/// What `POST /v1/certs/renew` issued last, in the node's record: the renewal binds the node to its
+/// new identity key in the same write, so a node killed before it wrote the answer holds only its
+/// previous identity. That identity may fetch this bundle (and nothing else) with
+/// `GET /v1/certs/last`, as long as the bundle's identity certificate is valid; the node installs it
+/// with the keys it kept aside before the request. Certificates are public: the bundle is useless
+/// without those keys.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastRenewal {
+    /// SHA-256 of the SubjectPublicKeyInfo of the identity the renewal replaced.
+    pub previous_identity_sha256: String,
+    /// The certificates issued (PEM).
+    pub certs: crate::api::NodeCerts,
+    /// When, Unix seconds.
+    pub issued: u64,
+}
+
+impl NodeRecord {
+    /// The record as peers and listings see it: without [`NodeRecord::last_renewal`].
+    pub fn for_peers(mut self) -> NodeRecord {
+        self.last_renewal = None;
+        self
+    }
 }
 
 /// Store prefix of address claims: each node address belongs to one node.
@@ -90,5 +119,32 @@ mod tests {
         for bad in ["", "Node", "-a", "a_b", &"a".repeat(64)] {
             assert!(validate_node_name(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn records_without_a_kept_renewal_still_parse_and_peers_never_see_one() {
+        let old = r#"{"version":1,"name":"n1","addresses":["10.0.0.1"],"wireguard_public_key":"k",
+            "endpoint":"10.0.0.1:51820","subnet":"10.244.1.0/24","registered":1,"identity_sha256":"aa"}"#;
+        let mut rec: NodeRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(rec.last_renewal, None);
+        assert!(!serde_json::to_string(&rec)
+            .unwrap()
+            .contains("last_renewal"));
+        rec.last_renewal = Some(Box::new(LastRenewal {
+            previous_identity_sha256: "bb".into(),
+            certs: crate::api::NodeCerts {
+                kubelet_client: "c1".into(),
+                kubelet_serving: "c2".into(),
+                kube_proxy: "c3".into(),
+                node_identity: "c4".into(),
+            },
+            issued: 2,
+        }));
+        let stored = serde_json::to_string(&rec).unwrap();
+        let back: NodeRecord = serde_json::from_str(&stored).unwrap();
+        assert_eq!(back, rec);
+        let public = back.for_peers();
+        assert_eq!(public.last_renewal, None);
+        assert_eq!(public.identity_sha256, "aa");
     }
 }

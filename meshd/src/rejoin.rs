@@ -150,10 +150,11 @@ impl std::fmt::Debug for RejoinOptions {
     }
 }
 
-/// Where a new node identity key is kept from before the request that binds the node to it until
-/// its certificate is written: by a rejoin (see [`rejoin`]), and by a node's renewal through
-/// `/v1/certs/renew`, which moves the registered identity the same way. After a crash in between,
-/// `meshd join --rejoin` proves with this key when the one in use is no longer registered.
+/// Where a rejoin (see [`rejoin`]) keeps its new node identity key from before the request that binds
+/// the node to it until its certificate is written. After a crash in between, `meshd join --rejoin`
+/// proves with this key when the one in use is no longer registered. (A renewal through
+/// `/v1/certs/renew` keeps its keys in [`crate::renew_pending::path`]; a rejoin proves with that
+/// identity key too.)
 pub fn pending_identity_path(data_dir: &Path) -> PathBuf {
     data_dir.join("pki/meshd/identity-pending.key")
 }
@@ -251,7 +252,20 @@ pub async fn rejoin(o: &RejoinOptions) -> anyhow::Result<JoinSummary> {
     let b64 = base64::engine::general_purpose::STANDARD;
     // The key the registry knows: the identity key in use, or the one an interrupted rejoin had
     // already bound the node to. A refused proof leaves the token unused, so the second try is free.
-    let provers: Vec<&PrivateKey> = std::iter::once(&old_key).chain(&pending_before).collect();
+    // Or the identity a renewal interrupted after the control plane's answer had bound it to (when
+    // the bundle kept for it expired before the node came back).
+    let renewal_identity = if crate::renew_pending::exists(&data_dir) {
+        store::read_key_file(&crate::renew_pending::path(&data_dir))
+            .ok()
+            .and_then(|t| crate::renew_pending::parse(t.expose()).ok())
+            .and_then(|mut k| k.pop())
+    } else {
+        None
+    };
+    let provers: Vec<&PrivateKey> = std::iter::once(&old_key)
+        .chain(&pending_before)
+        .chain(&renewal_identity)
+        .collect();
     let mut resp: Option<JoinResponse> = None;
     for (i, prover) in provers.iter().enumerate() {
         let req = RejoinRequest {
@@ -350,8 +364,10 @@ pub async fn rejoin(o: &RejoinOptions) -> anyhow::Result<JoinSummary> {
     }
     settings::save_config(&data_dir, &cfg)?;
     files.push(settings::path(&data_dir));
-    // The new identity key is now the live pair's: the pending copy goes.
+    // The new identity key is now the live pair's: the pending copy goes, and so do the keys of a
+    // renewal that will never complete.
     std::fs::remove_file(&pending).with_context(|| pending.display().to_string())?;
+    crate::renew_pending::discard(&data_dir)?;
     store::sync_dir(pending.parent().unwrap_or(&data_dir))?;
     Ok(JoinSummary {
         node_name: j.name,

@@ -317,6 +317,11 @@ pub struct Report {
     /// The same, as a time.
     #[serde(skip)]
     pub next_renewal_at: Option<SystemTime>,
+    /// What the start-up recovery run before planning repaired (leftovers of an interrupted write,
+    /// roll-backs to the previous version of a pair that was not valid), and what a node's
+    /// interrupted renewal completed (see [`crate::renew_pending`]).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub recovered: Vec<String>,
 }
 
 impl Report {
@@ -359,7 +364,11 @@ impl Report {
     /// One line per renewed (or, in a dry run, due) certificate, per failure and per failed hook;
     /// nothing when nothing was due.
     pub fn summary_lines(&self) -> Vec<String> {
-        let mut out = Vec::new();
+        let mut out: Vec<String> = self
+            .recovered
+            .iter()
+            .map(|r| format!("recovered: {r}"))
+            .collect();
         for e in &self.entries {
             match &e.outcome {
                 Outcome::Renewed {
@@ -506,10 +515,29 @@ pub async fn rotate(data_dir: &Path, opts: &Options) -> Result<Report, RotateErr
     } else {
         Some(lock(&data_dir, opts.lock_timeout).await?)
     };
+    // Under the lock: first repair what a crashed run left (the start-up recovery `meshd run` and
+    // `meshd init` run), then, on a node, complete a renewal interrupted after the control plane's
+    // answer; then plan with what is live.
+    let mut recovered = Vec::new();
+    if !opts.dry_run {
+        let rs = crate::recover::recover(&data_dir)
+            .context("start-up recovery")
+            .map_err(RotateError::Unreadable)?;
+        recovered.extend(rs.iter().map(|r| r.to_string()));
+        if cfg.role == Role::Node {
+            match crate::renew_pending::complete(&data_dir).await {
+                Ok(Some(done)) => recovered.push(done),
+                Ok(None) => {}
+                // Reported; the pass goes on (a renewal may still work, or say why not).
+                Err(e) => recovered.push(format!("an interrupted renewal: {e:#}")),
+            }
+        }
+    }
     let mut report = match cfg.role {
         Role::ControlPlane => control_plane_pass(&data_dir, &cfg, &entries, opts)?,
         Role::Node => node_pass(&data_dir, &entries, opts).await?,
     };
+    report.recovered = recovered;
     if opts.run_hooks && !opts.dry_run {
         run_hooks(&cfg, &mut report).await;
     }
@@ -707,8 +735,31 @@ fn write_entry(
     Ok(())
 }
 
+/// Makes `cert_pem` and `key_pem` the live pair of `entry` (a node's entry: no embedded
+/// kubeconfig), as a renewal writes it; `managed`: whether its files are the store's links.
+pub(crate) fn install_pair(
+    data_dir: &Path,
+    entry: &Entry,
+    managed: bool,
+    cert_pem: &str,
+    key_pem: &SecretPem,
+) -> anyhow::Result<()> {
+    let p = Planned {
+        entry: entry.clone(),
+        state: None,
+        managed,
+        decision: Ok(Decision::NotDue),
+        renew_at: None,
+    };
+    write_entry(data_dir, &p, cert_pem, key_pem, None)
+}
+
 /// Checks a certificate issued for `key` against the key and its CA before it is written.
-fn verify_issued(cert_pem: &str, key: &PrivateKey, ca_der: &[u8]) -> anyhow::Result<Vec<u8>> {
+pub(crate) fn verify_issued(
+    cert_pem: &str,
+    key: &PrivateKey,
+    ca_der: &[u8],
+) -> anyhow::Result<Vec<u8>> {
     let der = inspect::pem_to_der(cert_pem)?;
     if !inspect::key_matches(&der, key)? {
         anyhow::bail!("the issued certificate does not carry the new key; nothing written");
@@ -737,6 +788,7 @@ fn finish(
         entries: results.into_iter().map(|(r, _)| r).collect(),
         next_renewal: next.map(pki::time::rfc3339),
         next_renewal_at: next,
+        recovered: Vec::new(),
     }
 }
 
@@ -922,6 +974,12 @@ async fn renew_bundle(
             .find(|p| p.entry.id == id)
             .with_context(|| format!("internal error: no node entry {id}"))
     };
+    if crate::renew_pending::exists(data_dir) {
+        anyhow::bail!(
+            "{}: an earlier renewal is not completed yet (the control plane could not be asked for it); not starting another",
+            crate::renew_pending::path(data_dir).display()
+        );
+    }
     let mut keys = Vec::new();
     let mut csrs = Vec::new();
     for id in NODE_IDS {
@@ -930,6 +988,9 @@ async fn renew_bundle(
         csrs.push(pki::csr::build_csr(&p.entry.profile, &k)?);
         keys.push(k);
     }
+    // The keys are on disk before the control plane binds the node to the new identity: a crash
+    // after its answer is completed by the next pass (see [`crate::renew_pending`]).
+    crate::renew_pending::keep(data_dir, &keys)?;
     let req = crate::api::NodeCsrs {
         kubelet_client: csrs[0].clone(),
         kubelet_serving: csrs[1].clone(),
@@ -938,10 +999,27 @@ async fn renew_bundle(
     };
     // Authenticated by the current identity certificate (read now, from the store).
     let client = crate::join::node_client(data_dir)?;
-    let certs: crate::api::NodeCerts = client
+    let certs: crate::api::NodeCerts = match client
         .call(hyper::Method::POST, "/v1/certs/renew", Some(&req))
         .await
-        .context("POST /v1/certs/renew")?;
+    {
+        Ok(c) => c,
+        Err(e) => {
+            // Refused (4xx): the control plane bound nothing to these keys. Otherwise (no answer,
+            // 5xx) it may have: the next pass asks it (`GET /v1/certs/last`).
+            if matches!(
+                e,
+                crate::api::client::ClientError::Status {
+                    status: 400..=499,
+                    ..
+                }
+            ) {
+                let _ = crate::renew_pending::discard(data_dir);
+            }
+            return Err(anyhow::Error::from(e).context("POST /v1/certs/renew"));
+        }
+    };
+    pki::failpoint!("rotate::node_after_response");
     let got = [
         &certs.kubelet_client,
         &certs.kubelet_serving,
@@ -965,6 +1043,13 @@ async fn renew_bundle(
         let r = write_entry(data_dir, p, got[i], &keys[i].to_pem(), None)
             .and_then(|()| renewed(p, reason, &ders[i]));
         by_id.insert(id, r);
+    }
+    if by_id.values().all(|r| r.is_ok()) {
+        // Everything is live: the kept keys are no longer needed. (Left in place when a write
+        // failed: the next pass installs the rest of the bundle.)
+        if let Err(e) = crate::renew_pending::discard(data_dir) {
+            log(format!("rotation: {e:#}"));
+        }
     }
     Ok(planned
         .iter()
@@ -1332,6 +1417,7 @@ mod tests {
             entries,
             next_renewal: None,
             next_renewal_at: None,
+            recovered: Vec::new(),
         }
     }
 

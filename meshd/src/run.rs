@@ -24,18 +24,35 @@ use crate::store::{
 
 /// Opens the store a control plane's settings name.
 pub async fn open_store(data_dir: &Path, cfg: &MeshdConfig) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(open_store_with_handle(data_dir, cfg).await?.0)
+}
+
+/// meshd's etcd client credentials from the data directory (the live `meshd-etcd-client` pair).
+pub fn etcd_tls(data_dir: &Path) -> anyhow::Result<EtcdTls> {
+    let ca_pem = pki::store::read_text(&data_dir.join("pki/etcd/ca.crt"))?;
+    let cert_pem = pki::store::read_text(&data_dir.join("pki/etcd/meshd-client.crt"))?;
+    let key = pki::store::read_key_file(&data_dir.join("pki/etcd/meshd-client.key"))?;
+    Ok(EtcdTls {
+        ca_pem,
+        cert_pem,
+        key_pem: zeroize::Zeroizing::new(key.expose().to_owned()),
+    })
+}
+
+/// [`open_store`], and the etcd store itself when it is one (to reload its client certificate).
+async fn open_store_with_handle(
+    data_dir: &Path,
+    cfg: &MeshdConfig,
+) -> anyhow::Result<(Arc<dyn Store>, Option<EtcdStore>)> {
     Ok(match cfg.store.kind {
-        StoreKind::Embedded => Arc::new(EmbeddedStore::open(&data_dir.join("state.redb"))?),
+        StoreKind::Embedded => (
+            Arc::new(EmbeddedStore::open(&data_dir.join("state.redb"))?),
+            None,
+        ),
         StoreKind::Etcd => {
-            let ca_pem = pki::store::read_text(&data_dir.join("pki/etcd/ca.crt"))?;
-            let cert_pem = pki::store::read_text(&data_dir.join("pki/etcd/meshd-client.crt"))?;
-            let key = pki::store::read_key_file(&data_dir.join("pki/etcd/meshd-client.key"))?;
-            let tls = EtcdTls {
-                ca_pem,
-                cert_pem,
-                key_pem: zeroize::Zeroizing::new(key.expose().to_owned()),
-            };
-            Arc::new(EtcdStore::connect(&cfg.store.etcd_endpoints, Some(tls)).await?)
+            let tls = etcd_tls(data_dir)?;
+            let etcd = EtcdStore::connect(&cfg.store.etcd_endpoints, Some(tls)).await?;
+            (Arc::new(etcd.clone()), Some(etcd))
         }
     })
 }
@@ -131,7 +148,7 @@ pub async fn run_control_plane(
     };
     let chain = format!("{}{}", api.cert_pem, ca.cert_pem());
     let tls = crate::tls::server_config(&chain, api.key_pem.expose(), ca.cert_pem())?;
-    let store = open_store(data_dir, &cfg).await?;
+    let (store, etcd) = open_store_with_handle(data_dir, &cfg).await?;
     let network = ensure_network_config(store.as_ref(), &cfg.store.prefix, s.cluster_cidr).await?;
     let (wg_public, _) = crate::wgkey::ensure(data_dir)?;
     let me = register_self(store.as_ref(), &cfg.store.prefix, &network, &s, &wg_public).await?;
@@ -208,6 +225,18 @@ pub async fn run_control_plane(
         rotation.subscribe(),
         tls_tx,
     ));
+    // meshd's own etcd client picks up its renewed certificate (a reconnect after the first one
+    // expired would be refused).
+    let etcd_reloader = etcd.map(|e| {
+        let dir = data_dir.to_path_buf();
+        tokio::spawn(crate::store::etcd::follow_rotation(
+            e,
+            "meshd-etcd-client",
+            move || etcd_tls(&dir),
+            rotation.subscribe(),
+            log,
+        ))
+    });
     let rotator = tokio::spawn(crate::rotate::daemon(
         data_dir.to_path_buf(),
         rotation.clone(),
@@ -224,6 +253,9 @@ pub async fn run_control_plane(
     let _ = server.await;
     let _ = rotator.await;
     reloader.abort();
+    if let Some(t) = etcd_reloader {
+        t.abort();
+    }
     renewer.abort();
     if let Some(t) = mesh_task {
         t.abort();
@@ -269,6 +301,7 @@ pub async fn run_node(
                 control_plane: false,
                 registered: 0,
                 identity_sha256: String::new(),
+                last_renewal: None,
             };
             let server_ip = server_ip(&j.server)?;
             let m = Mesh::start(opts, key, &me, j.network.network, server_ip)?;
@@ -463,6 +496,7 @@ pub async fn register_self(
         control_plane: true,
         // The control plane does not call its own API as a node.
         identity_sha256: String::new(),
+        last_renewal: None,
         registered: previous.as_ref().map(|p| p.registered).unwrap_or_else(|| {
             std::time::SystemTime::now()
                 .duration_since(std::time::SystemTime::UNIX_EPOCH)

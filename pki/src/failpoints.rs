@@ -35,6 +35,7 @@ pub const ALL: &[&str] = &[
     "pairstore::link::before_dir_fsync",
     "pairstore::replace_with_links::before_links",
     "rejoin::before_write",
+    "rotate::node_after_response",
 ];
 
 /// The `fail` crate, for [`failpoint!`] in other crates of the workspace (which turn on their own

@@ -7,8 +7,9 @@
 //! * a full disk (a small tmpfs): the rotation fails naming the file and saying so, the old pairs
 //!   stay live and valid, and a later rotation succeeds once there is room.
 //!
-//! The rotation is the whole control-plane inventory re-issued through the pair store; the command
-//! is built in one place, [`rotate_all`]. Every check reads the files consumers read (the public
+//! The rotation is the real `meshd rotate --force all` (the whole control-plane inventory re-issued
+//! through the pair store, the embedded `admin.conf`/`super-admin.conf` replaced atomically, after
+//! the start-up recovery it runs first); the command is built in one place, [`rotate_all`]. Every check reads the files consumers read (the public
 //! paths through the store's links) and verifies them with the `pki` crate, and `meshd certs check`
 //! must pass; openssl cross-checks every entry at the end of each test.
 
@@ -22,21 +23,23 @@ use meshd_e2e::{init_dir, meshd, meshd_bin, require_tool, run};
 use pki::inventory::{self, ClusterSettings, Output as EntryOutput};
 use pki::keys::PrivateKey;
 
-/// Failpoints a re-issue of existing entries never reaches: it makes no new directory, never
-/// replaces plain files by links (that is `meshd init`'s reissue of a kubeadm directory), and is not
-/// a node's rejoin.
+/// Failpoints a control plane's rotation never reaches: it makes no new directory, never replaces
+/// plain files by links (that is `meshd init`'s reissue of a kubeadm directory), and is not a node's
+/// rejoin or renewal through the API.
 const NOT_ON_THE_ROTATION_PATH: &[&str] = &[
     "store::ensure_dir::after_mkdir",
     "pairstore::replace_with_links::before_links",
     // A node's `join --rejoin` (tests/tests/rejoin.rs).
     "rejoin::before_write",
+    // A node's renewal through the API (tests/tests/rotate.rs).
+    "rotate::node_after_response",
 ];
 
-/// The command that rotates every control-plane certificate of `dir`. The one place to change when
-/// `meshd rotate --force all` takes over.
+/// The command that rotates every control-plane certificate of `dir`: `meshd rotate --force all`
+/// (which runs the start-up recovery first, under its lock).
 fn rotate_all(dir: &Path) -> Command {
     let mut c = Command::new(meshd_bin());
-    c.args(["debug", "reissue-all", "--data-dir"]).arg(dir);
+    c.args(["rotate", "--force", "all", "--data-dir"]).arg(dir);
     c.stdin(Stdio::null());
     c
 }
@@ -328,11 +331,21 @@ fn an_io_error_at_any_failpoint_leaves_the_live_pairs_valid_without_recovery() {
     {
         plant_leftover(dir);
         let out = run(rotate_all(dir).env("FAILPOINTS", format!("{fp}=return")));
-        assert_eq!(out.status.code(), Some(1), "{fp}: {}", describe(&out));
-        let err = String::from_utf8_lossy(&out.stderr);
+        // 1: renewals failed (one line per entry on stdout, `FAILED to renew ...`); 3: the
+        // start-up recovery `meshd rotate` runs first failed, and nothing was done (stderr).
+        let err = match out.status.code() {
+            Some(1) => String::from_utf8_lossy(&out.stdout).into_owned(),
+            Some(3) => {
+                let e = String::from_utf8_lossy(&out.stderr).into_owned();
+                assert!(e.contains("start-up recovery"), "{fp}: {}", describe(&out));
+                e
+            }
+            _ => panic!("{fp}: expected exit 1 or 3: {}", describe(&out)),
+        };
         assert!(
             err.contains(&format!("failpoint {fp}")) && err.contains(&dir.display().to_string()),
-            "{fp}: the error names the file: {err}"
+            "{fp}: the error names the file: {}",
+            describe(&out)
         );
         // No recovery: an error mid-rotation never leaves a broken live pair. (What was planted
         // may still be there when the error came before its repair.)
@@ -524,11 +537,15 @@ fn disk_full_during_a_rotation_keeps_the_old_pairs() {
     let filler = fill(fs.path());
 
     let out = run(&mut rotate_all(&data));
+    // Exit 1: the renewals failed, one `FAILED to renew <id>: ...` line each (stdout).
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = String::from_utf8_lossy(&out.stdout);
     assert!(
-        err.contains("No space left on device") && err.contains(&d),
-        "the error says what and where: {err}"
+        err.contains("FAILED to renew")
+            && err.contains("No space left on device")
+            && err.contains(&d),
+        "the error says what and where: {}",
+        describe(&out)
     );
     // The old pairs are live, unchanged and valid, and nothing half-written is left.
     assert_eq!(live_pairs(&data), before, "a live pair changed");
@@ -606,4 +623,48 @@ fn meshd_run_starts_with_the_recovery() {
     );
     std::fs::remove_file(&log).expect("log");
     assert_all_valid(dir, "after meshd run's recovery");
+}
+
+/// `meshd rotate` starts with the same recovery, under its lock: a torn live pair is rolled back
+/// before planning, and the report says so (table and JSON).
+#[test]
+fn meshd_rotate_starts_with_the_recovery() {
+    let d = init_dir("cp1", "127.0.0.1", &["--cert-lifetime", "1h"]);
+    let dir = d.path();
+    let out = run(&mut rotate_all(dir));
+    assert!(out.status.success(), "{}", describe(&out));
+    let old_api = std::fs::read_to_string(dir.join("pki/.store/meshd-api/1/tls.crt")).expect("v1");
+    let live = dir.join("pki/.store/meshd-api/2/tls.crt");
+    let text = std::fs::read_to_string(&live).expect("v2");
+    std::fs::write(&live, &text[..text.len() / 3]).expect("tear");
+    plant_leftover(dir);
+    // Nothing is due (1 h leaves): the pass only recovers.
+    let out = run(Command::new(meshd_bin())
+        .args(["rotate", "--output", "json", "--data-dir"])
+        .arg(dir));
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let recovered: Vec<&str> = v["recovered"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no `recovered` in {v:#}"))
+        .iter()
+        .filter_map(|x| x.as_str())
+        .collect();
+    assert!(
+        recovered
+            .iter()
+            .any(|r| r.contains("meshd-api") && r.contains("rolled back to version 1")),
+        "{recovered:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("pki/meshd/api-server.crt")).expect("live"),
+        old_api
+    );
+    assert_all_valid(dir, "after meshd rotate's recovery");
+    // A second pass has nothing to recover and, nothing being due, says nothing.
+    let out = run(Command::new(meshd_bin())
+        .args(["rotate", "--data-dir"])
+        .arg(dir));
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(out.stdout.is_empty(), "{}", describe(&out));
 }

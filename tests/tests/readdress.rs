@@ -87,6 +87,7 @@ fn a_new_subnet_on_the_feed_readdresses_the_running_mesh() {
         control_plane: false,
         registered: 0,
         identity_sha256: String::new(),
+        last_renewal: None,
     };
     let (ns2, ifname2, env2, conf2) = (ns.clone(), ifname.clone(), env.clone(), conf.clone());
     netns_do(&ns, move || {

@@ -867,3 +867,487 @@ fn hooks_run_after_their_entry_renewed_and_their_failures_are_reported() {
     meshd_ok(&["rotate", "--data-dir", &d, "--force", "all", "--dry-run"]);
     assert_eq!(read(&mark), "apiserver\napiserver\n");
 }
+
+/// Fails clearly when the binary was built without failpoints.
+fn require_failpoints() {
+    let out = meshd(&["debug", "failpoints"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(
+        v["enabled"],
+        true,
+        "{} has no failpoints: build it with `cargo build -p meshd --features failpoints`",
+        meshd_bin().display()
+    );
+}
+
+/// A node killed between the control plane's answer to `POST /v1/certs/renew` (which binds it to
+/// its new identity key) and writing that answer heals on its next pass: it fetches the bundle with
+/// its previous identity (`GET /v1/certs/last`), installs it with the keys it kept aside, and renews
+/// again later. The previous identity is refused for everything else. A crash before the request
+/// (the keys kept aside, nothing bound to them) is undone the same way: the keys are discarded.
+#[test]
+fn a_node_killed_after_the_renewal_answer_heals_on_its_next_pass() {
+    require_failpoints();
+    let root = tempdir("meshd-rotate-heal-");
+    let cp = root.path().join("cp");
+    let port = free_port();
+    meshd_ok(&[
+        "init",
+        "--data-dir",
+        path_str(&cp),
+        "--node-name",
+        "cp1",
+        "--advertise-address",
+        "127.0.0.1",
+        "--api-port",
+        &port.to_string(),
+        "--cert-lifetime",
+        "1h",
+        "--output",
+        "json",
+    ]);
+    let cp_log = root.path().join("cp-run.log");
+    let _cp_run = start_run(&cp, &cp_log);
+    let t: serde_json::Value = serde_json::from_str(&meshd_ok(&[
+        "token",
+        "create",
+        "--data-dir",
+        path_str(&cp),
+        "--output",
+        "json",
+    ]))
+    .expect("token json");
+    let node = root.path().join("n1");
+    let n = path_str(&node).to_owned();
+    meshd_ok(&[
+        "join",
+        "--data-dir",
+        &n,
+        "--server",
+        &format!("127.0.0.1:{port}"),
+        "--token",
+        t["token"].as_str().expect("token"),
+        "--ca-hash",
+        t["ca_hash"].as_str().expect("ca_hash"),
+        "--node-name",
+        "n1",
+        "--advertise-address",
+        "127.0.0.2",
+        "--output",
+        "json",
+    ]);
+    let pending = node.join("pki/meshd/renew-pending.keys");
+    let rt = runtime();
+    let ca = read(&node.join("pki/ca.crt"));
+    let client = |pair: &(String, String)| {
+        let tls = meshd::tls::client_config(&ca, &pair.0, &pair.1).expect("tls");
+        meshd::api::client::ApiClient::new(&format!("127.0.0.1:{port}"), tls).expect("client")
+    };
+    let status_of = |r: Result<serde_json::Value, meshd::api::client::ClientError>| match r {
+        Ok(_) => 200,
+        Err(meshd::api::client::ClientError::Status { status, .. }) => status,
+        Err(e) => panic!("no answer: {e}"),
+    };
+    let get = |pair: &(String, String), path: &str| {
+        status_of(rt.block_on(client(pair).call::<serde_json::Value>(
+            hyper::Method::GET,
+            path,
+            None::<&()>,
+        )))
+    };
+    // A well-formed renewal request, so that only the identity decides.
+    let renew = |pair: &(String, String)| {
+        let mut csrs = Vec::new();
+        for e in pki::inventory::node_entries("n1", &["127.0.0.2".parse().expect("ip")]) {
+            let k =
+                pki::keys::PrivateKey::generate(pki::keys::KeyAlgorithm::EcdsaP256).expect("key");
+            csrs.push((e.id, pki::csr::build_csr(&e.profile, &k).expect("csr")));
+        }
+        let csr = |id: &str| csrs.iter().find(|c| c.0 == id).expect("csr").1.clone();
+        let req = meshd::api::NodeCsrs {
+            kubelet_client: csr("kubelet.conf"),
+            kubelet_serving: csr("kubelet-serving"),
+            kube_proxy: csr("kube-proxy.conf"),
+            node_identity: csr("meshd-node"),
+        };
+        status_of(rt.block_on(client(pair).call::<serde_json::Value>(
+            hyper::Method::POST,
+            "/v1/certs/renew",
+            Some(&req),
+        )))
+    };
+
+    // Just joined: no renewal kept.
+    let joined = node_identity(&node);
+    assert_eq!(get(&joined, "/v1/certs/last"), 404);
+
+    // Killed right after the control plane's answer.
+    let out = run(Command::new(meshd_bin())
+        .args(["rotate", "--force", "all", "--data-dir", &n])
+        .env("FAILPOINTS", "rotate::node_after_response=panic"));
+    assert_eq!(out.status.code(), None, "a crash: {}", describe(&out));
+    assert_eq!(node_identity(&node), joined, "nothing was written");
+    assert!(pending.exists(), "the new keys are kept aside");
+    // The identity the node holds no longer speaks for it...
+    for path in ["/v1/nodes", "/v1/peers/watch"] {
+        assert_eq!(get(&joined, path), 401, "{path}");
+    }
+    assert_eq!(renew(&joined), 401, "the previous identity renews again");
+    // ...but may fetch the bundle it was issued (public certificates, useless without the keys).
+    let bundle: meshd::api::NodeCerts = rt
+        .block_on(client(&joined).call(hyper::Method::GET, "/v1/certs/last", None::<&()>))
+        .expect("the previous identity fetches its last renewal");
+    assert_ne!(bundle.node_identity, joined.0);
+
+    // The next pass completes the renewal, without an operator.
+    let out = meshd(&["rotate", "--data-dir", &n, "--output", "json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("report json");
+    let recovered = r["recovered"].to_string();
+    assert!(
+        recovered.contains("completed a renewal interrupted after the control plane's answer")
+            && recovered.contains("meshd-node"),
+        "{r:#}"
+    );
+    assert!(!pending.exists(), "the kept keys are removed once live");
+    let healed = node_identity(&node);
+    assert_eq!(healed.0, bundle.node_identity);
+    assert!(read(&node.join("kubelet/pki/kubelet-client-current.pem"))
+        .contains(bundle.kubelet_client.trim()));
+    meshd_ok(&["certs", "check", "--data-dir", &n]);
+    assert_eq!(get(&healed, "/v1/nodes"), 200);
+    assert_eq!(
+        get(&joined, "/v1/nodes"),
+        401,
+        "the previous identity after healing"
+    );
+    assert_eq!(renew(&joined), 401);
+
+    // It renews again, with the healed identity; then neither earlier identity gets anything,
+    // not even the last bundle.
+    let out = meshd(&["rotate", "--data-dir", &n, "--force", "all"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let again = node_identity(&node);
+    assert_ne!(again.0, healed.0);
+    for (what, pair) in [("joined", &joined), ("healed", &healed)] {
+        for path in ["/v1/nodes", "/v1/peers/watch"] {
+            assert_eq!(get(pair, path), 401, "{what} {path}");
+        }
+        assert_eq!(renew(pair), 401, "{what}");
+    }
+    assert_eq!(get(&joined, "/v1/certs/last"), 401, "an older identity");
+    assert_eq!(get(&again, "/v1/nodes"), 200);
+
+    // Killed before the request (the keys just kept aside): nothing was bound to them, and the
+    // next pass discards them.
+    let out = run(Command::new(meshd_bin())
+        .args(["rotate", "--force", "all", "--data-dir", &n])
+        .env("FAILPOINTS", "store::write_atomic::before_dir_fsync=panic"));
+    assert_eq!(out.status.code(), None, "a crash: {}", describe(&out));
+    assert!(pending.exists());
+    assert_eq!(node_identity(&node), again);
+    let out = meshd(&["rotate", "--data-dir", &n]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("discarded the keys of an interrupted renewal"),
+        "{}",
+        describe(&out)
+    );
+    assert!(!pending.exists());
+    assert_eq!(node_identity(&node), again);
+    assert_eq!(get(&again, "/v1/nodes"), 200);
+    meshd_ok(&["certs", "check", "--data-dir", &n]);
+}
+
+/// One etcd process on fixed URLs and data directory (so that it can be restarted as it was), with
+/// the etcd certificates of a meshd data directory; waits until etcd answers.
+fn spawn_etcd(
+    dir: &Path,
+    data: &Path,
+    client: &str,
+    peer: &str,
+    log: &Path,
+) -> Result<ChildGuard, String> {
+    let pki = dir.join("pki/etcd");
+    let p = |f: &str| path_str(&pki.join(f)).to_owned();
+    let mut cmd = Command::new("etcd");
+    cmd.args(["--name", "cp1", "--data-dir"])
+        .arg(data)
+        .args([
+            "--listen-client-urls",
+            client,
+            "--advertise-client-urls",
+            client,
+        ])
+        .args([
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+        ])
+        .args(["--initial-cluster", &format!("cp1={peer}")])
+        .args([
+            "--cert-file",
+            &p("server.crt"),
+            "--key-file",
+            &p("server.key"),
+        ])
+        .args(["--trusted-ca-file", &p("ca.crt"), "--client-cert-auth"])
+        .args([
+            "--peer-cert-file",
+            &p("peer.crt"),
+            "--peer-key-file",
+            &p("peer.key"),
+        ])
+        .args([
+            "--peer-trusted-ca-file",
+            &p("ca.crt"),
+            "--peer-client-cert-auth",
+        ]);
+    let mut g = ChildGuard::spawn("etcd", &mut cmd, log);
+    let ok = wait_for(Duration::from_secs(30), || {
+        if !g.alive() {
+            return Some(false);
+        }
+        let out = run(Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", client, "--dial-timeout", "2s"])
+            .args(["--cacert", &p("ca.crt")])
+            .args(["--cert", &p("healthcheck-client.crt")])
+            .args(["--key", &p("healthcheck-client.key")])
+            .args(["endpoint", "health"]));
+        out.status.success().then_some(true)
+    });
+    match ok {
+        Some(true) => Ok(g),
+        _ => Err(read(log)),
+    }
+}
+
+/// `meshd run --store etcd` keeps working after its own etcd client certificate (`meshd-etcd-client`)
+/// rotated and the first one expired, across an etcd restart that forces a new connection: the
+/// store's client is rebuilt with the renewed pair on every rotation of that entry.
+#[test]
+fn the_etcd_store_reconnects_with_its_renewed_client_certificate() {
+    require_tool("etcd", "etcd-server");
+    require_tool("etcdctl", "etcd-client");
+    let root = tempdir("meshd-rotate-etcd-client-");
+    let cp = root.path().join("cp");
+    let port = free_port();
+    meshd_ok(&[
+        "init",
+        "--data-dir",
+        path_str(&cp),
+        "--node-name",
+        "cp1",
+        "--advertise-address",
+        "127.0.0.1",
+        "--api-port",
+        &port.to_string(),
+        "--cert-lifetime",
+        "30s",
+        "--store",
+        "etcd",
+        "--etcd-endpoints",
+        "https://127.0.0.1:1",
+        "--output",
+        "json",
+    ]);
+    // etcd on free ports (retried when one was taken meanwhile); meshd pointed at it.
+    let data = root.path().join("etcd-data");
+    let mut started = None;
+    for attempt in 0..3 {
+        let client = format!("https://127.0.0.1:{}", free_port());
+        let peer = format!("https://127.0.0.1:{}", free_port());
+        let log = root.path().join(format!("etcd-{attempt}.log"));
+        match spawn_etcd(&cp, &data, &client, &peer, &log) {
+            Ok(g) => {
+                started = Some((g, client, peer));
+                break;
+            }
+            Err(l) if l.contains("address already in use") => {
+                let _ = std::fs::remove_dir_all(&data);
+            }
+            Err(l) => panic!("etcd did not start:\n{l}"),
+        }
+    }
+    let (etcd, client, peer) = started.expect("etcd could not bind free ports three times");
+    let mut cfg = meshd::settings::require_config(&cp).expect("meshd.json");
+    cfg.store.etcd_endpoints = vec![client.clone()];
+    meshd::settings::save_config(&cp, &cfg).expect("meshd.json");
+
+    let first =
+        pki::inspect::inspect_pem(&read(&cp.join("pki/etcd/meshd-client.crt"))).expect("cert");
+    let log = root.path().join("run.log");
+    let mut g = start_run(&cp, &log);
+    meshd_ok(&["node", "list", "--data-dir", path_str(&cp)]);
+    // The first client certificate renewed and the store reconnected with the new one, at least
+    // twice, and the first one has expired.
+    let done = wait_for(Duration::from_secs(120), || {
+        if !g.alive() {
+            return Some(false);
+        }
+        let l = read(&log);
+        (count(
+            &l,
+            "etcd store: reconnected with the renewed meshd-etcd-client certificate",
+        ) >= 2
+            && std::time::SystemTime::now() > first.not_after + Duration::from_secs(1))
+        .then_some(true)
+    });
+    assert_eq!(done, Some(true), "meshd run:\n{}", read(&log));
+    let live =
+        pki::inspect::inspect_pem(&read(&cp.join("pki/etcd/meshd-client.crt"))).expect("cert");
+    assert_ne!(live.serial, first.serial);
+
+    // etcd restarts: every connection is new, and only a valid client certificate gets in.
+    drop(etcd);
+    let etcd = spawn_etcd(
+        &cp,
+        &data,
+        &client,
+        &peer,
+        &root.path().join("etcd-restart.log"),
+    )
+    .unwrap_or_else(|l| panic!("etcd did not restart:\n{l}"));
+    // The API reads the store: it answers again once the client reconnected.
+    let back = wait_for(Duration::from_secs(30), || {
+        run(Command::new(meshd_bin()).args(["node", "list", "--data-dir", path_str(&cp)]))
+            .status
+            .success()
+            .then_some(())
+    });
+    assert!(
+        back.is_some(),
+        "the store did not come back after the etcd restart:\n{}",
+        read(&log)
+    );
+    assert!(g.alive(), "{}", read(&log));
+    assert!(!read(&log).contains("cannot be used"), "{}", read(&log));
+    drop(g);
+    drop(etcd);
+}
+
+/// A node killed after the renewal answer that stays down until the bundle kept for it expired
+/// cannot heal on its own (its identity expired too); `meshd join --rejoin` restores it, proving with
+/// the identity key the interrupted renewal had kept aside (the one the control plane registered).
+#[test]
+fn a_node_down_until_its_kept_renewal_expired_is_restored_by_rejoin() {
+    require_failpoints();
+    let root = tempdir("meshd-rotate-heal-expired-");
+    let cp = root.path().join("cp");
+    let port = free_port();
+    meshd_ok(&[
+        "init",
+        "--data-dir",
+        path_str(&cp),
+        "--node-name",
+        "cp1",
+        "--advertise-address",
+        "127.0.0.1",
+        "--api-port",
+        &port.to_string(),
+        "--cert-lifetime",
+        "10s",
+        "--output",
+        "json",
+    ]);
+    let cp_log = root.path().join("cp-run.log");
+    let _cp_run = start_run(&cp, &cp_log);
+    let token = || -> serde_json::Value {
+        serde_json::from_str(&meshd_ok(&[
+            "token",
+            "create",
+            "--data-dir",
+            path_str(&cp),
+            "--output",
+            "json",
+        ]))
+        .expect("token json")
+    };
+    let t = token();
+    let node = root.path().join("n1");
+    let n = path_str(&node).to_owned();
+    let server = format!("127.0.0.1:{port}");
+    meshd_ok(&[
+        "join",
+        "--data-dir",
+        &n,
+        "--server",
+        &server,
+        "--token",
+        t["token"].as_str().expect("token"),
+        "--ca-hash",
+        t["ca_hash"].as_str().expect("ca_hash"),
+        "--node-name",
+        "n1",
+        "--advertise-address",
+        "127.0.0.2",
+        "--output",
+        "json",
+    ]);
+    let pending = node.join("pki/meshd/renew-pending.keys");
+    let out = run(Command::new(meshd_bin())
+        .args(["rotate", "--force", "all", "--data-dir", &n])
+        .env("FAILPOINTS", "rotate::node_after_response=panic"));
+    assert_eq!(out.status.code(), None, "a crash: {}", describe(&out));
+    assert!(pending.exists());
+    let held = node_identity(&node);
+    let rt = runtime();
+    let ca = read(&node.join("pki/ca.crt"));
+    let tls = meshd::tls::client_config(&ca, &held.0, &held.1).expect("tls");
+    let c = meshd::api::client::ApiClient::new(&server, tls).expect("client");
+    let bundle: meshd::api::NodeCerts = rt
+        .block_on(c.call(hyper::Method::GET, "/v1/certs/last", None::<&()>))
+        .expect("the kept bundle");
+    // Down until both the identity it holds and the kept bundle expired.
+    let end = [&held.0, &bundle.node_identity]
+        .iter()
+        .map(|p| pki::inspect::inspect_pem(p).expect("cert").not_after)
+        .max()
+        .expect("two");
+    let expired = wait_for(Duration::from_secs(60), || {
+        (std::time::SystemTime::now() > end + Duration::from_secs(1)).then_some(())
+    });
+    assert!(expired.is_some());
+    // Its own pass cannot complete the renewal, says why, and keeps the keys.
+    let out = meshd(&["rotate", "--data-dir", &n]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("meshd join --rejoin"),
+        "{}",
+        describe(&out)
+    );
+    assert!(pending.exists());
+    // A rejoin proves with the kept identity key (the registered one) and restores the node.
+    let t = token();
+    let out = meshd(&[
+        "join",
+        "--rejoin",
+        "--data-dir",
+        &n,
+        "--server",
+        &server,
+        "--token",
+        t["token"].as_str().expect("token"),
+        "--ca-hash",
+        t["ca_hash"].as_str().expect("ca_hash"),
+        "--output",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}\ncontrol plane:\n{}",
+        describe(&out),
+        read(&cp_log)
+    );
+    assert!(!pending.exists(), "the renewal's keys are discarded");
+    meshd_ok(&["certs", "check", "--data-dir", &n]);
+    let now = node_identity(&node);
+    let tls = meshd::tls::client_config(&ca, &now.0, &now.1).expect("tls");
+    let c = meshd::api::client::ApiClient::new(&server, tls).expect("client");
+    rt.block_on(c.call::<serde_json::Value>(hyper::Method::GET, "/v1/nodes", None::<&()>))
+        .expect("the restored identity speaks for the node");
+}

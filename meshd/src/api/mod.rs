@@ -6,6 +6,7 @@
 //! | `POST /v1/join` | a bootstrap token in the body |
 //! | `POST /v1/join/rejoin` | a bootstrap token and a signature by the node's registered identity key (its certificate may have expired) |
 //! | `POST /v1/lease/renew`, `POST /v1/certs/renew`, `GET /v1/nodes`, `GET /v1/peers/watch` | the node's client certificate (`system:node:<name>`, O `system:nodes`) |
+//! | `GET /v1/certs/last` | the node's registered identity, or the one its last renewal replaced (while that bundle is valid) |
 //! | `POST/GET /v1/tokens`, `DELETE /v1/tokens/<id>`, `DELETE /v1/nodes/<name>` | an admin client certificate (O `meshd:admins`) |
 //!
 //! Request bodies are capped at [`MAX_BODY`] before parsing.
@@ -50,7 +51,7 @@ pub struct NodeCsrs {
 }
 
 /// The certificates issued for [`NodeCsrs`] (PEM), same fields.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeCerts {
     /// kubelet client.
     pub kubelet_client: String,

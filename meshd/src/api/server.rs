@@ -299,6 +299,12 @@ async fn route(
             },
             Err(e) => Err(e),
         },
+        (&Method::GET, "/v1/certs/last") => match need_node(id) {
+            Ok((node, spki)) => last_renewal(state, &node, &spki)
+                .await
+                .map(|r| json(StatusCode::OK, &r)),
+            Err(e) => Err(e),
+        },
         (&Method::GET, "/v1/peers/watch") => match id {
             Identity::Anonymous => Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -722,6 +728,7 @@ async fn register(
             control_plane: false,
             registered: unix(now),
             identity_sha256: identity.clone(),
+            last_renewal: None,
         };
         let lease_key = overlay::lease_key(&state.prefix, subnet);
         let mut compares = vec![
@@ -909,8 +916,15 @@ async fn renew_certs(
     csrs: NodeCsrs,
 ) -> Result<NodeCerts, ApiError> {
     let (mut rec, kv) = authorize_node(state, node, spki).await?;
-    let certs = sign_node_csrs(state, node, &rec.addresses, &csrs, SystemTime::now())?;
-    // From now on the new identity key speaks for the node.
+    let now = SystemTime::now();
+    let certs = sign_node_csrs(state, node, &rec.addresses, &csrs, now)?;
+    // From now on the new identity key speaks for the node; the bundle is kept for a node that
+    // crashes before writing it (`GET /v1/certs/last`).
+    rec.last_renewal = Some(Box::new(registry::LastRenewal {
+        previous_identity_sha256: rec.identity_sha256.clone(),
+        certs: certs.clone(),
+        issued: unix(now),
+    }));
     rec.identity_sha256 = identity_hash(&certs)?;
     let bytes = serde_json::to_vec(&rec).map_err(ApiError::internal)?;
     if state
@@ -927,6 +941,64 @@ async fn renew_certs(
     }
     log(format!("node {node}: certificates renewed"));
     Ok(certs)
+}
+
+fn same_hash(a: &str, b: &str) -> bool {
+    !a.is_empty() && subtle::ConstantTimeEq::ct_eq(a.as_bytes(), b.as_bytes()).unwrap_u8() == 1
+}
+
+/// `GET /v1/certs/last`: the bundle the node's last renewal issued ([`registry::LastRenewal`]), for
+/// a node that crashed before writing it. Served to the identity that renewal replaced (the one
+/// such a node still holds) and to the new one (a node killed half-way through writing it), and
+/// only while the bundle's identity certificate is valid. Nothing else accepts the previous
+/// identity: it can no longer renew, register a lease or watch peers. 404 when the caller is the
+/// registered identity and no renewal is kept; 401 for any other certificate.
+async fn last_renewal(state: &ApiState, node: &str, spki: &str) -> Result<NodeCerts, ApiError> {
+    let refused = || {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            format!("this certificate is not the registered meshd identity of node {node:?}"),
+        )
+    };
+    let (rec, _) = get_node(state.store.as_ref(), node)
+        .await
+        .map_err(|_| refused())?;
+    let current = same_hash(&rec.identity_sha256, spki);
+    let Some(last) = rec.last_renewal else {
+        return Err(if current {
+            ApiError::new(StatusCode::NOT_FOUND, "no renewal of this node is kept")
+        } else {
+            refused()
+        });
+    };
+    if !current && !same_hash(&last.previous_identity_sha256, spki) {
+        log(format!(
+            "refused a certificate for node {node}: neither its registered identity nor the one its last renewal replaced"
+        ));
+        return Err(refused());
+    }
+    let valid = pki::inspect::inspect_pem(&last.certs.node_identity)
+        .map(|i| i.not_after > SystemTime::now())
+        .unwrap_or(false);
+    if !valid {
+        return Err(if current {
+            ApiError::new(StatusCode::NOT_FOUND, "no renewal of this node is kept")
+        } else {
+            log(format!(
+                "node {node}: its previous identity asked for a renewal that has expired"
+            ));
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                format!("the last renewal of node {node:?} has expired: join again (`meshd join --rejoin`)"),
+            )
+        });
+    }
+    if !current {
+        log(format!(
+            "node {node}: handed its last renewal to its previous identity (it did not write the answer)"
+        ));
+    }
+    Ok(last.certs)
 }
 
 /// SHA-256 of the public key of the node identity certificate in `certs`.
@@ -1016,7 +1088,7 @@ pub async fn peer_feed(
                     match serde_json::from_slice::<NodeRecord>(&kv.value) {
                         Ok(node) => PeerEvent::Put {
                             revision: kv.mod_revision,
-                            node,
+                            node: node.for_peers(),
                         },
                         Err(e) => {
                             log(format!(
@@ -1049,7 +1121,7 @@ async fn snapshot(store: &dyn Store) -> Result<(i64, PeerEvent), ApiError> {
     let mut nodes = Vec::with_capacity(listing.kvs.len());
     for kv in &listing.kvs {
         match serde_json::from_slice::<NodeRecord>(&kv.value) {
-            Ok(n) => nodes.push(n),
+            Ok(n) => nodes.push(n.for_peers()),
             Err(e) => log(format!("skipping corrupt node record {}: {e}", kv.key)),
         }
     }
@@ -1071,7 +1143,11 @@ async fn list_nodes(state: &ApiState) -> Result<Vec<NodeRecord>, ApiError> {
     listing
         .kvs
         .iter()
-        .map(|kv| serde_json::from_slice(&kv.value).map_err(ApiError::internal))
+        .map(|kv| {
+            serde_json::from_slice::<NodeRecord>(&kv.value)
+                .map(NodeRecord::for_peers)
+                .map_err(ApiError::internal)
+        })
         .collect()
 }
 

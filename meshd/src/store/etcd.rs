@@ -13,6 +13,13 @@
 //!
 //! Unary calls are bounded by [`REQUEST_TIMEOUT`]; connecting (which includes a first read, so a
 //! refused TLS handshake is reported at once) by [`CONNECT_TIMEOUT`].
+//!
+//! Client certificate rotation: the gRPC channel keeps the TLS identity it was built with and
+//! presents it again whenever it reconnects, so after the certificate expired a reconnect would be
+//! refused. [`EtcdStore::reload_tls`] builds a client with the renewed pair, checks that etcd
+//! accepts it, and swaps it in for every clone of the store: new requests and watches use it,
+//! streams already open stay on the old connection until it ends (a watch then resumes on the new
+//! one). `meshd run` calls it when the `meshd-etcd-client` entry renews ([`follow_rotation`]).
 
 use std::future::Future;
 use std::time::Duration;
@@ -78,7 +85,8 @@ impl EtcdTls {
 /// The etcd state store. See the [module documentation](self).
 #[derive(Clone)]
 pub struct EtcdStore {
-    client: Client,
+    /// Shared by every clone, swapped by [`EtcdStore::reload_tls`].
+    client: std::sync::Arc<std::sync::RwLock<Client>>,
     endpoints: Vec<String>,
 }
 
@@ -131,7 +139,7 @@ impl EtcdStore {
         };
         match tokio::time::timeout(timeout, connecting).await {
             Ok(Ok(client)) => Ok(EtcdStore {
-                client,
+                client: std::sync::Arc::new(std::sync::RwLock::new(client)),
                 endpoints: endpoints.to_vec(),
             }),
             Ok(Err(e)) => Err(StoreError::Unavailable(format!(
@@ -141,6 +149,64 @@ impl EtcdStore {
                 "etcd at {shown} did not answer within {timeout:?}: it is down or unreachable, or \
                  it refused the TLS handshake (check the etcd CA and the client certificate)"
             ))),
+        }
+    }
+}
+
+impl EtcdStore {
+    /// The client in use (cheap: the gRPC channel is shared).
+    fn client(&self) -> Client {
+        match self.client.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Connects again with `tls` (a renewed client certificate) and, once etcd accepted it, uses
+    /// the new client for everything that follows, in this store and every clone of it. On error
+    /// the store keeps the client it has.
+    pub async fn reload_tls(&self, tls: EtcdTls) -> Result<(), StoreError> {
+        let fresh = Self::connect(&self.endpoints, Some(tls)).await?;
+        let client = fresh.client();
+        match self.client.write() {
+            Ok(mut c) => *c = client,
+            Err(poisoned) => *poisoned.into_inner() = client,
+        }
+        Ok(())
+    }
+}
+
+/// Swaps the client of `store` for one with the renewed pair whenever the rotation events name
+/// `entry` (`meshd-etcd-client`), with the credentials `load` reads from the data directory. A
+/// failure is logged with `log` and the store keeps its client; it is tried again on the next event.
+pub async fn follow_rotation(
+    store: EtcdStore,
+    entry: &'static str,
+    load: impl Fn() -> anyhow::Result<EtcdTls>,
+    mut events: tokio::sync::broadcast::Receiver<Vec<String>>,
+    log: impl Fn(String),
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let reload = match events.recv().await {
+            Ok(ids) => ids.iter().any(|i| i == entry),
+            Err(RecvError::Lagged(_)) => true,
+            Err(RecvError::Closed) => return,
+        };
+        if !reload {
+            continue;
+        }
+        let r = match load() {
+            Ok(tls) => store.reload_tls(tls).await.map_err(anyhow::Error::from),
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(()) => log(format!(
+                "etcd store: reconnected with the renewed {entry} certificate"
+            )),
+            Err(e) => log(format!(
+                "etcd store: keeping the current client, the renewed {entry} certificate cannot be used: {e:#}"
+            )),
         }
     }
 }
@@ -299,13 +365,13 @@ async fn forward(
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         check_key(key)?;
-        let mut kv = self.client.kv_client();
+        let mut kv = self.client().kv_client();
         let resp = call("get", kv.get(key, None)).await?;
         resp.kvs().first().map(convert).transpose()
     }
 
     async fn list(&self, prefix: &str) -> Result<Listing, StoreError> {
-        let mut kv = self.client.kv_client();
+        let mut kv = self.client().kv_client();
         let opts = GetOptions::new()
             .with_prefix()
             .with_sort(SortTarget::Key, SortOrder::Ascend);
@@ -336,7 +402,7 @@ impl Store for EtcdStore {
                 TxnOp::put(key, value, put_options(lease)),
                 TxnOp::get(key, None),
             ]);
-        let mut kv = self.client.kv_client();
+        let mut kv = self.client().kv_client();
         let resp = match tokio::time::timeout(REQUEST_TIMEOUT, kv.txn(txn)).await {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) if lease.is_some() && is_lease_not_found(&e) => {
@@ -354,7 +420,7 @@ impl Store for EtcdStore {
 
     async fn delete(&self, key: &str, expected: Option<i64>) -> Result<bool, StoreError> {
         check_key(key)?;
-        let mut kv = self.client.kv_client();
+        let mut kv = self.client().kv_client();
         match expected {
             None => {
                 let resp = call("delete", kv.delete(key, None)).await?;
@@ -405,7 +471,7 @@ impl Store for EtcdStore {
             _ => None,
         });
         let txn = Txn::new().when(when).and_then(then);
-        let mut kv = self.client.kv_client();
+        let mut kv = self.client().kv_client();
         let resp = match tokio::time::timeout(REQUEST_TIMEOUT, kv.txn(txn)).await {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) if lease.is_some() && is_lease_not_found(&e) => {
@@ -431,7 +497,7 @@ impl Store for EtcdStore {
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
         let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
         let secs = i64::try_from(secs.max(1)).unwrap_or(i64::MAX);
-        let mut lease = self.client.lease_client();
+        let mut lease = self.client().lease_client();
         let resp = call("lease grant", lease.grant(secs, None)).await?;
         if !resp.error().is_empty() {
             return Err(StoreError::Other(format!(
@@ -443,7 +509,7 @@ impl Store for EtcdStore {
     }
 
     async fn keep_alive(&self, id: LeaseId) -> Result<Duration, StoreError> {
-        let mut lease = self.client.lease_client();
+        let mut lease = self.client().lease_client();
         let renew = async {
             // The client sends one keep-alive and reads its answer (TTL 0: no such lease), then we
             // read the TTL from a second answer on the same stream.
@@ -464,7 +530,7 @@ impl Store for EtcdStore {
     }
 
     async fn revoke_lease(&self, id: LeaseId) -> Result<(), StoreError> {
-        let mut lease = self.client.lease_client();
+        let mut lease = self.client().lease_client();
         match tokio::time::timeout(REQUEST_TIMEOUT, lease.revoke(id)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) if is_lease_not_found(&e) => Ok(()),
@@ -480,7 +546,7 @@ impl Store for EtcdStore {
         if from_revision > 0 {
             opts = opts.with_start_revision(from_revision);
         }
-        let mut client = self.client.watch_client();
+        let mut client = self.client().watch_client();
         // Wait for etcd's "created" answer, so that "from now on" (0) means from this call's
         // return: a write made after it is seen.
         let establish = async {
@@ -523,7 +589,7 @@ impl Store for EtcdStore {
     }
 
     async fn compact(&self, revision: i64) -> Result<(), StoreError> {
-        let mut kv = self.client.kv_client();
+        let mut kv = self.client().kv_client();
         let opts = CompactionOptions::new().with_physical();
         match tokio::time::timeout(REQUEST_TIMEOUT, kv.compact(revision, Some(opts))).await {
             Ok(Ok(_)) => Ok(()),

@@ -113,6 +113,7 @@ pub(super) async fn rejoin(
             return Err(refused(&r.node_name));
         }
         rec.identity_sha256 = new_identity.clone();
+        rec.last_renewal = None;
         let compares = [
             Compare {
                 key: tkv.key.clone(),
