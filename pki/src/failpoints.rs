@@ -135,6 +135,7 @@ mod tests {
         let sources = [
             include_str!("store.rs"),
             include_str!("../../meshd/src/rejoin.rs"),
+            include_str!("../../meshd/src/rotate.rs"),
         ];
         let mut used = Vec::new();
         for src in sources {
