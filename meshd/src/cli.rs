@@ -348,6 +348,10 @@ pub struct InitArgs {
     #[command(flatten)]
     /// Data directory.
     pub dir: DataDir,
+    /// Have `meshd run` supervise the Kubernetes components (etcd first; every component whose
+    /// binary is found): writes `components.json` with the defaults (`{}`) unless one exists.
+    #[arg(long)]
+    pub components: bool,
     /// This node's name (lower-case DNS name).
     #[arg(long)]
     pub node_name: String,
@@ -434,6 +438,15 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 etcd_endpoints: args.etcd_endpoints.clone(),
             };
             let report = crate::init::init(&args.dir.data_dir, &s, &store, SystemTime::now())?;
+            if args.components {
+                let path = args.dir.data_dir.join(crate::components::CONFIG_FILE);
+                if !path.exists() {
+                    pki::store::write_atomic(&path, b"{}\n", 0o600)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                }
+                // An existing file (perhaps edited) is kept; it must still be valid.
+                crate::components::load_config(&args.dir.data_dir).map_err(anyhow::Error::msg)?;
+            }
             match args.output {
                 OutputFormat::Json => out!("{}", serde_json::to_string_pretty(&report)?),
                 OutputFormat::Table => out_raw!("{}", render_init(&report)),

@@ -1219,3 +1219,43 @@ fn components_left_by_a_killed_meshd_are_stopped_by_the_next_one() {
     assert!(st.success());
     assert!(wait_for(Duration::from_secs(15), || (!alive(pid2)).then_some(())).is_some());
 }
+
+/// `meshd init --components` opts the control plane into supervision: it writes `components.json`
+/// with the defaults, and a re-run keeps an edited file (and refuses an invalid one).
+#[test]
+fn init_with_components_writes_the_defaults_and_keeps_an_edited_file() {
+    let dir = init_dir("cp1", "127.0.0.1", &["--components"]);
+    let d = dir.path().to_path_buf();
+    let file = d.join("components.json");
+    let text = read(&file);
+    assert_eq!(text.trim(), "{}", "{text}");
+    let again = |d: &Path| {
+        Command::new(meshd_bin())
+            .args([
+                "init",
+                "--data-dir",
+                path_str(d),
+                "--node-name",
+                "cp1",
+                "--advertise-address",
+                "127.0.0.1",
+                "--components",
+            ])
+            .output()
+            .expect("meshd init")
+    };
+    std::fs::write(&file, r#"{"etcd_client_port": 23790}"#).expect("edit");
+    let out = again(&d);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(read(&file), r#"{"etcd_client_port": 23790}"#);
+    std::fs::write(&file, r#"{"no_such_setting": 1}"#).expect("edit");
+    let out = again(&d);
+    assert!(
+        !out.status.success(),
+        "an invalid components.json passed: {out:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no_such_setting"),
+        "{out:?}"
+    );
+}
