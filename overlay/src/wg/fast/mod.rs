@@ -31,7 +31,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd as _, AsRawFd as _};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -98,9 +98,22 @@ struct State {
 
 struct Shared {
     state: Mutex<State>,
+    /// Configuration calls waiting for `state`: the data thread, which takes the lock again
+    /// right after releasing it when busy, lets them in first (a mutex is not fair).
+    waiting: AtomicUsize,
     stop: AtomicBool,
     /// Wakes the data thread (stop, new sockets).
     wake: Waker,
+}
+
+impl Shared {
+    /// Called by the data thread before it takes the lock: waits while a configuration call
+    /// waits for it, so that `wg show` or a peer update gets in under full load too.
+    fn let_config_in(&self) {
+        while self.waiting.load(Ordering::SeqCst) > 0 && !self.stop.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+    }
 }
 
 /// A running fast-path device: the TUN interface, its UDP sockets and the data thread. Dropping
@@ -135,6 +148,7 @@ impl Engine {
         let wake = Waker::new()?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State::new(udp4, udp6, port, buffer_bytes)),
+            waiting: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             wake,
         });
@@ -149,7 +163,10 @@ impl Engine {
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, State>, i32> {
-        self.shared.state.lock().map_err(|_| EIO)
+        self.shared.waiting.fetch_add(1, Ordering::SeqCst);
+        let guard = self.shared.state.lock();
+        self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+        guard.map_err(|_| EIO)
     }
 
     fn wake(&self) {
@@ -432,6 +449,7 @@ impl DataPath {
         let mut next_tick = Instant::now() + TICK;
         let mut next_limiter_reset = Instant::now() + Duration::from_secs(1);
         while !sh.stop.load(Ordering::SeqCst) {
+            sh.let_config_in();
             let (fd4, fd6) = match sh.state.lock() {
                 Ok(mut st) => {
                     st.retired.clear();
@@ -463,6 +481,7 @@ impl DataPath {
             if ready[3] {
                 sh.wake.clear();
             }
+            sh.let_config_in();
             let Ok(mut st) = sh.state.lock() else { return };
             if ready[0] {
                 self.tun_to_network(&mut st);
