@@ -340,8 +340,10 @@ impl State {
         }
     }
 
-    /// Switches every peer to a new private key.
+    /// Switches every peer to a new private key. A peer with the new public key is removed (the
+    /// kernel's rule: a device is never its own peer).
     fn set_identity(&mut self, id: Identity) {
+        self.remove_peer(&id.key.public_key());
         for p in self.peers.values_mut() {
             p.tunn
                 .set_static_private(id.secret.clone(), id.public, Some(id.limiter.clone()));
@@ -767,6 +769,7 @@ mod tests {
         st: State,
         remote: Tunn,
         remote_key: PublicKey,
+        remote_private: PrivateKey,
         dec: Vec<u8>,
         gro: Gro,
         replies: Vec<(Vec<u8>, SocketAddr)>,
@@ -803,6 +806,7 @@ mod tests {
             st,
             remote,
             remote_key,
+            remote_private: rk,
             dec: vec![0; 65536],
             gro: Gro::new(),
             replies: Vec::new(),
@@ -876,6 +880,16 @@ mod tests {
         let c = offload::checksum(&p[..20], 0);
         p[10..12].copy_from_slice(&c.to_be_bytes());
         p
+    }
+
+    #[test]
+    fn taking_a_peers_key_removes_that_peer() {
+        let mut t = pair(100, &["10.0.1.0/24"]);
+        let k = t.remote_private.clone();
+        t.st.set_identity(Identity::new(&k, 100));
+        assert!(t.st.peers.is_empty());
+        assert!(t.st.by_index.is_empty());
+        assert_eq!(t.st.routes.find("10.0.1.1".parse().unwrap()), None);
     }
 
     #[test]
