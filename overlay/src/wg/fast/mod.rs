@@ -71,6 +71,34 @@ struct Peer {
     cfg: PeerConfig,
     /// Current endpoint: configured, or learned from the last authenticated packet.
     endpoint: Option<SocketAddr>,
+    /// Unix time of the latest handshake seen, kept when the session itself is gone (expired,
+    /// or cleared by a key change): `wg show` reports it as the kernel does.
+    last_handshake: Option<Duration>,
+    /// Bytes counted by earlier `Tunn`s of this peer (replaced by a configuration change).
+    rx_base: u64,
+    tx_base: u64,
+}
+
+impl Peer {
+    /// Records the latest handshake time while `tunn` knows it.
+    fn note_handshake(&mut self, now: Duration) {
+        if let (Some(since), ..) = self.tunn.stats() {
+            self.last_handshake = Some(now.saturating_sub(since));
+        }
+    }
+
+    /// (rx, tx) bytes over the peer's life.
+    fn bytes(&self) -> (u64, u64) {
+        let (_, tx, rx, _, _) = self.tunn.stats();
+        (self.rx_base + rx as u64, self.tx_base + tx as u64)
+    }
+}
+
+/// The current Unix time.
+fn unix_now() -> Duration {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
 }
 
 /// The key material, present once a private key is set.
@@ -180,35 +208,7 @@ impl Engine {
 
     /// The device's state, with Unix handshake times.
     pub fn get(&self) -> Result<DeviceInfo, i32> {
-        let st = self.lock()?;
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default();
-        let peers = st
-            .peers
-            .iter()
-            .map(|(k, p)| {
-                let (since, tx, rx, _, _) = p.tunn.stats();
-                let at = since.map(|s| now.saturating_sub(s)).unwrap_or_default();
-                PeerInfo {
-                    public_key: *k,
-                    preshared_key: p.cfg.preshared_key.clone(),
-                    endpoint: p.endpoint,
-                    allowed_ips: p.cfg.allowed_ips.clone(),
-                    last_handshake_time_sec: at.as_secs(),
-                    last_handshake_time_nsec: at.subsec_nanos(),
-                    rx_bytes: rx as u64,
-                    tx_bytes: tx as u64,
-                    persistent_keepalive_interval: p.cfg.keepalive,
-                }
-            })
-            .collect();
-        Ok(DeviceInfo {
-            public_key: st.id.as_ref().map(|i| i.key.public_key()),
-            listen_port: st.port,
-            fwmark: st.fwmark,
-            peers,
-        })
+        Ok(self.lock()?.info(unix_now()))
     }
 
     /// Applies a change (kernel semantics). Returns the new listen port if it changed.
@@ -340,11 +340,43 @@ impl State {
         }
     }
 
+    /// The device's state at Unix time `now`.
+    fn info(&mut self, now: Duration) -> DeviceInfo {
+        let peers = self
+            .peers
+            .iter_mut()
+            .map(|(k, p)| {
+                p.note_handshake(now);
+                let at = p.last_handshake.unwrap_or_default();
+                let (rx, tx) = p.bytes();
+                PeerInfo {
+                    public_key: *k,
+                    preshared_key: p.cfg.preshared_key.clone(),
+                    endpoint: p.endpoint,
+                    allowed_ips: p.cfg.allowed_ips.clone(),
+                    last_handshake_time_sec: at.as_secs(),
+                    last_handshake_time_nsec: at.subsec_nanos(),
+                    rx_bytes: rx,
+                    tx_bytes: tx,
+                    persistent_keepalive_interval: p.cfg.keepalive,
+                }
+            })
+            .collect();
+        DeviceInfo {
+            public_key: self.id.as_ref().map(|i| i.key.public_key()),
+            listen_port: self.port,
+            fwmark: self.fwmark,
+            peers,
+        }
+    }
+
     /// Switches every peer to a new private key. A peer with the new public key is removed (the
     /// kernel's rule: a device is never its own peer).
     fn set_identity(&mut self, id: Identity) {
         self.remove_peer(&id.key.public_key());
+        let now = unix_now();
         for p in self.peers.values_mut() {
+            p.note_handshake(now);
             p.tunn
                 .set_static_private(id.secret.clone(), id.public, Some(id.limiter.clone()));
         }
@@ -387,7 +419,15 @@ impl State {
             Some(p) => p.cfg.preshared_key != cfg.preshared_key || p.cfg.keepalive != cfg.keepalive,
         };
         if restart {
-            let old_endpoint = self.peers.get(&k).and_then(|p| p.endpoint);
+            // What `wg show` reports survives the new session: endpoint, handshake, counters.
+            let now = unix_now();
+            let (old_endpoint, last_handshake, (rx_base, tx_base)) = match self.peers.get_mut(&k) {
+                Some(p) => {
+                    p.note_handshake(now);
+                    (p.endpoint, p.last_handshake, p.bytes())
+                }
+                None => (None, None, (0, 0)),
+            };
             self.remove_peer(&k);
             let index = self.alloc_index();
             let Some(tunn) = self.new_tunn(&k, &cfg, index) else {
@@ -401,6 +441,9 @@ impl State {
                     index,
                     endpoint: cfg.endpoint.or(old_endpoint),
                     cfg: cfg.clone(),
+                    last_handshake,
+                    rx_base,
+                    tx_base,
                 },
             );
         } else if let Some(p) = self.peers.get_mut(&k) {
@@ -596,7 +639,10 @@ impl DataPath {
 
     fn timers(&mut self, st: &mut State) {
         let mut sends = Vec::new();
+        let now = unix_now();
         for p in st.peers.values_mut() {
+            // Before the timers may expire the session (and with it boringtun's handshake time).
+            p.note_handshake(now);
             if let TunnResult::WriteToNetwork(d) = p.tunn.update_timers(&mut self.dec) {
                 if let Some(ep) = p.endpoint {
                     sends.push((d.to_vec(), ep));
@@ -760,6 +806,7 @@ impl Drop for Engine {
 
 #[cfg(test)]
 mod tests {
+    use super::super::key::PresharedKey;
     use super::*;
 
     /// A device (state only, no TUN) with `limit` handshakes per second, and a remote peer's
@@ -880,6 +927,38 @@ mod tests {
         let c = offload::checksum(&p[..20], 0);
         p[10..12].copy_from_slice(&c.to_be_bytes());
         p
+    }
+
+    #[test]
+    fn wg_show_keeps_the_handshake_time_and_counters_across_session_resets() {
+        let mut t = pair(100, &["10.0.1.0/24"]);
+        let info = t.st.info(unix_now());
+        assert_eq!(info.peers[0].last_handshake_time_sec, 0);
+        t.handshake();
+        let d = t.data(&icmp_from([10, 0, 1, 5]));
+        t.deliver(&d, ENDPOINT);
+        let before = t.st.info(unix_now()).peers[0].clone();
+        assert!(before.last_handshake_time_sec > 0);
+        assert!(before.rx_bytes > 0);
+        // A key change clears the sessions (boringtun forgets the handshake time) ...
+        let own = PrivateKey::generate().unwrap();
+        t.st.set_identity(Identity::new(&own, 100));
+        let after = t.st.info(unix_now()).peers[0].clone();
+        assert_eq!(
+            after.last_handshake_time_sec,
+            before.last_handshake_time_sec
+        );
+        // ... and a new preshared key restarts the peer's `Tunn`: counters go on.
+        let k = t.remote_key;
+        let mut cfg = t.st.peers[&k].cfg.clone();
+        cfg.preshared_key = Some(PresharedKey::from_bytes(zeroize::Zeroizing::new([7; 32])));
+        t.st.upsert_peer(k, cfg);
+        let again = t.st.info(unix_now()).peers[0].clone();
+        assert_eq!(again.rx_bytes, before.rx_bytes);
+        assert_eq!(
+            again.last_handshake_time_sec,
+            before.last_handshake_time_sec
+        );
     }
 
     #[test]
