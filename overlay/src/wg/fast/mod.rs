@@ -463,6 +463,8 @@ impl State {
 /// The data thread's buffers.
 struct DataPath {
     tun: Tun,
+    /// The interface was deleted: its descriptor is no longer polled.
+    tun_gone: bool,
     frame: Vec<u8>,
     scratch: Vec<u8>,
     /// Encrypted datagrams, back to back, and their lengths.
@@ -479,6 +481,7 @@ impl DataPath {
     fn new(tun: Tun) -> DataPath {
         DataPath {
             tun,
+            tun_gone: false,
             frame: vec![0; FRAME],
             scratch: Vec::with_capacity(FRAME),
             out: Vec::with_capacity(2 * FRAME),
@@ -514,15 +517,13 @@ impl DataPath {
                 .min(250) as i32;
             // The sockets stay open during the call: one replaced meanwhile is only retired,
             // and closed after the wake-up that follows.
-            let ready = sys::poll_readable(
-                [
-                    self.tun.as_fd().as_raw_fd(),
-                    fd4,
-                    fd6,
-                    sh.wake.as_fd().as_raw_fd(),
-                ],
-                timeout,
-            );
+            let tun_fd = if self.tun_gone {
+                -1
+            } else {
+                self.tun.as_fd().as_raw_fd()
+            };
+            let ready =
+                sys::poll_readable([tun_fd, fd4, fd6, sh.wake.as_fd().as_raw_fd()], timeout);
             if ready[3] {
                 sh.wake.clear();
             }
@@ -556,7 +557,14 @@ impl DataPath {
         for _ in 0..BURST {
             let n = match self.tun.read(&mut self.frame) {
                 Ok(n) => n,
-                Err(_) => return, // WouldBlock, or the interface went away
+                Err(e) => {
+                    // EBADFD: the interface was deleted under us (`ip link del`); the descriptor
+                    // now polls as always in error. Stop polling it rather than spin.
+                    if e.raw_os_error() == Some(libc::EBADFD) {
+                        self.tun_gone = true;
+                    }
+                    return; // WouldBlock, or one packet the kernel could not give
+                }
             };
             if n <= VNET_HDR_LEN {
                 continue;
