@@ -31,7 +31,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd as _, AsRawFd as _};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -59,6 +59,9 @@ const MAX_GSO_BYTES: usize = 65000;
 /// Frames read from the TUN or receive calls per socket before looking at the others.
 const BURST: usize = 32;
 const TICK: Duration = Duration::from_millis(250);
+/// WireGuard message types (the first byte of a datagram).
+const HANDSHAKE_RESPONSE: u8 = 2;
+const DATA: u8 = 4;
 
 /// One peer: its protocol state and configuration.
 struct Peer {
@@ -68,6 +71,34 @@ struct Peer {
     cfg: PeerConfig,
     /// Current endpoint: configured, or learned from the last authenticated packet.
     endpoint: Option<SocketAddr>,
+    /// Unix time of the latest handshake seen, kept when the session itself is gone (expired,
+    /// or cleared by a key change): `wg show` reports it as the kernel does.
+    last_handshake: Option<Duration>,
+    /// Bytes counted by earlier `Tunn`s of this peer (replaced by a configuration change).
+    rx_base: u64,
+    tx_base: u64,
+}
+
+impl Peer {
+    /// Records the latest handshake time while `tunn` knows it.
+    fn note_handshake(&mut self, now: Duration) {
+        if let (Some(since), ..) = self.tunn.stats() {
+            self.last_handshake = Some(now.saturating_sub(since));
+        }
+    }
+
+    /// (rx, tx) bytes over the peer's life.
+    fn bytes(&self) -> (u64, u64) {
+        let (_, tx, rx, _, _) = self.tunn.stats();
+        (self.rx_base + rx as u64, self.tx_base + tx as u64)
+    }
+}
+
+/// The current Unix time.
+fn unix_now() -> Duration {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
 }
 
 /// The key material, present once a private key is set.
@@ -95,9 +126,22 @@ struct State {
 
 struct Shared {
     state: Mutex<State>,
+    /// Configuration calls waiting for `state`: the data thread, which takes the lock again
+    /// right after releasing it when busy, lets them in first (a mutex is not fair).
+    waiting: AtomicUsize,
     stop: AtomicBool,
     /// Wakes the data thread (stop, new sockets).
     wake: Waker,
+}
+
+impl Shared {
+    /// Called by the data thread before it takes the lock: waits while a configuration call
+    /// waits for it, so that `wg show` or a peer update gets in under full load too.
+    fn let_config_in(&self) {
+        while self.waiting.load(Ordering::SeqCst) > 0 && !self.stop.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+    }
 }
 
 /// A running fast-path device: the TUN interface, its UDP sockets and the data thread. Dropping
@@ -131,19 +175,8 @@ impl Engine {
         let port = udp4.local_port()?;
         let wake = Waker::new()?;
         let shared = Arc::new(Shared {
-            state: Mutex::new(State {
-                id: None,
-                port,
-                fwmark: None,
-                udp4,
-                udp6,
-                retired: Vec::new(),
-                peers: BTreeMap::new(),
-                by_index: HashMap::new(),
-                routes: AllowedIps::new(),
-                next_index: first_index(),
-                buffer_bytes,
-            }),
+            state: Mutex::new(State::new(udp4, udp6, port, buffer_bytes)),
+            waiting: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             wake,
         });
@@ -158,7 +191,10 @@ impl Engine {
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, State>, i32> {
-        self.shared.state.lock().map_err(|_| EIO)
+        self.shared.waiting.fetch_add(1, Ordering::SeqCst);
+        let guard = self.shared.state.lock();
+        self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+        guard.map_err(|_| EIO)
     }
 
     fn wake(&self) {
@@ -172,35 +208,7 @@ impl Engine {
 
     /// The device's state, with Unix handshake times.
     pub fn get(&self) -> Result<DeviceInfo, i32> {
-        let st = self.lock()?;
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default();
-        let peers = st
-            .peers
-            .iter()
-            .map(|(k, p)| {
-                let (since, tx, rx, _, _) = p.tunn.stats();
-                let at = since.map(|s| now.saturating_sub(s)).unwrap_or_default();
-                PeerInfo {
-                    public_key: *k,
-                    preshared_key: p.cfg.preshared_key.clone(),
-                    endpoint: p.endpoint,
-                    allowed_ips: p.cfg.allowed_ips.clone(),
-                    last_handshake_time_sec: at.as_secs(),
-                    last_handshake_time_nsec: at.subsec_nanos(),
-                    rx_bytes: rx as u64,
-                    tx_bytes: tx as u64,
-                    persistent_keepalive_interval: p.cfg.keepalive,
-                }
-            })
-            .collect();
-        Ok(DeviceInfo {
-            public_key: st.id.as_ref().map(|i| i.key.public_key()),
-            listen_port: st.port,
-            fwmark: st.fwmark,
-            peers,
-        })
+        Ok(self.lock()?.info(unix_now()))
     }
 
     /// Applies a change (kernel semantics). Returns the new listen port if it changed.
@@ -216,19 +224,7 @@ impl Engine {
                 .as_ref()
                 .is_none_or(|i| i.key.public_key() != k.public_key());
             if changed {
-                let secret = x25519::StaticSecret::from(*k.expose_bytes());
-                let public = x25519::PublicKey::from(&secret);
-                let limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
-                for p in st.peers.values_mut() {
-                    p.tunn
-                        .set_static_private(secret.clone(), public, Some(limiter.clone()));
-                }
-                st.id = Some(Identity {
-                    key: k.clone(),
-                    secret,
-                    public,
-                    limiter,
-                });
+                st.set_identity(Identity::new(k, HANDSHAKE_RATE_LIMIT));
             }
         }
         let mut new_port = None;
@@ -311,7 +307,82 @@ fn first_index() -> u32 {
     u32::from_le_bytes(b) & 0x00ff_ffff
 }
 
+impl Identity {
+    /// The identity of `key`, with a handshake rate limiter of `limit` per second.
+    fn new(key: &PrivateKey, limit: u64) -> Identity {
+        let secret = x25519::StaticSecret::from(*key.expose_bytes());
+        let public = x25519::PublicKey::from(&secret);
+        let limiter = Arc::new(RateLimiter::new(&public, limit));
+        Identity {
+            key: key.clone(),
+            secret,
+            public,
+            limiter,
+        }
+    }
+}
+
 impl State {
+    /// A device without key or peer on the given sockets.
+    fn new(udp4: Udp, udp6: Option<Udp>, port: u16, buffer_bytes: usize) -> State {
+        State {
+            id: None,
+            port,
+            fwmark: None,
+            udp4,
+            udp6,
+            retired: Vec::new(),
+            peers: BTreeMap::new(),
+            by_index: HashMap::new(),
+            routes: AllowedIps::new(),
+            next_index: first_index(),
+            buffer_bytes,
+        }
+    }
+
+    /// The device's state at Unix time `now`.
+    fn info(&mut self, now: Duration) -> DeviceInfo {
+        let peers = self
+            .peers
+            .iter_mut()
+            .map(|(k, p)| {
+                p.note_handshake(now);
+                let at = p.last_handshake.unwrap_or_default();
+                let (rx, tx) = p.bytes();
+                PeerInfo {
+                    public_key: *k,
+                    preshared_key: p.cfg.preshared_key.clone(),
+                    endpoint: p.endpoint,
+                    allowed_ips: p.cfg.allowed_ips.clone(),
+                    last_handshake_time_sec: at.as_secs(),
+                    last_handshake_time_nsec: at.subsec_nanos(),
+                    rx_bytes: rx,
+                    tx_bytes: tx,
+                    persistent_keepalive_interval: p.cfg.keepalive,
+                }
+            })
+            .collect();
+        DeviceInfo {
+            public_key: self.id.as_ref().map(|i| i.key.public_key()),
+            listen_port: self.port,
+            fwmark: self.fwmark,
+            peers,
+        }
+    }
+
+    /// Switches every peer to a new private key. A peer with the new public key is removed (the
+    /// kernel's rule: a device is never its own peer).
+    fn set_identity(&mut self, id: Identity) {
+        self.remove_peer(&id.key.public_key());
+        let now = unix_now();
+        for p in self.peers.values_mut() {
+            p.note_handshake(now);
+            p.tunn
+                .set_static_private(id.secret.clone(), id.public, Some(id.limiter.clone()));
+        }
+        self.id = Some(id);
+    }
+
     fn remove_peer(&mut self, k: &PublicKey) {
         if let Some(p) = self.peers.remove(k) {
             self.by_index.remove(&p.index);
@@ -348,7 +419,15 @@ impl State {
             Some(p) => p.cfg.preshared_key != cfg.preshared_key || p.cfg.keepalive != cfg.keepalive,
         };
         if restart {
-            let old_endpoint = self.peers.get(&k).and_then(|p| p.endpoint);
+            // What `wg show` reports survives the new session: endpoint, handshake, counters.
+            let now = unix_now();
+            let (old_endpoint, last_handshake, (rx_base, tx_base)) = match self.peers.get_mut(&k) {
+                Some(p) => {
+                    p.note_handshake(now);
+                    (p.endpoint, p.last_handshake, p.bytes())
+                }
+                None => (None, None, (0, 0)),
+            };
             self.remove_peer(&k);
             let index = self.alloc_index();
             let Some(tunn) = self.new_tunn(&k, &cfg, index) else {
@@ -362,6 +441,9 @@ impl State {
                     index,
                     endpoint: cfg.endpoint.or(old_endpoint),
                     cfg: cfg.clone(),
+                    last_handshake,
+                    rx_base,
+                    tx_base,
                 },
             );
         } else if let Some(p) = self.peers.get_mut(&k) {
@@ -381,6 +463,8 @@ impl State {
 /// The data thread's buffers.
 struct DataPath {
     tun: Tun,
+    /// The interface was deleted: its descriptor is no longer polled.
+    tun_gone: bool,
     frame: Vec<u8>,
     scratch: Vec<u8>,
     /// Encrypted datagrams, back to back, and their lengths.
@@ -397,6 +481,7 @@ impl DataPath {
     fn new(tun: Tun) -> DataPath {
         DataPath {
             tun,
+            tun_gone: false,
             frame: vec![0; FRAME],
             scratch: Vec::with_capacity(FRAME),
             out: Vec::with_capacity(2 * FRAME),
@@ -412,6 +497,7 @@ impl DataPath {
         let mut next_tick = Instant::now() + TICK;
         let mut next_limiter_reset = Instant::now() + Duration::from_secs(1);
         while !sh.stop.load(Ordering::SeqCst) {
+            sh.let_config_in();
             let (fd4, fd6) = match sh.state.lock() {
                 Ok(mut st) => {
                     st.retired.clear();
@@ -431,18 +517,17 @@ impl DataPath {
                 .min(250) as i32;
             // The sockets stay open during the call: one replaced meanwhile is only retired,
             // and closed after the wake-up that follows.
-            let ready = sys::poll_readable(
-                [
-                    self.tun.as_fd().as_raw_fd(),
-                    fd4,
-                    fd6,
-                    sh.wake.as_fd().as_raw_fd(),
-                ],
-                timeout,
-            );
+            let tun_fd = if self.tun_gone {
+                -1
+            } else {
+                self.tun.as_fd().as_raw_fd()
+            };
+            let ready =
+                sys::poll_readable([tun_fd, fd4, fd6, sh.wake.as_fd().as_raw_fd()], timeout);
             if ready[3] {
                 sh.wake.clear();
             }
+            sh.let_config_in();
             let Ok(mut st) = sh.state.lock() else { return };
             if ready[0] {
                 self.tun_to_network(&mut st);
@@ -472,7 +557,14 @@ impl DataPath {
         for _ in 0..BURST {
             let n = match self.tun.read(&mut self.frame) {
                 Ok(n) => n,
-                Err(_) => return, // WouldBlock, or the interface went away
+                Err(e) => {
+                    // EBADFD: the interface was deleted under us (`ip link del`); the descriptor
+                    // now polls as always in error. Stop polling it rather than spin.
+                    if e.raw_os_error() == Some(libc::EBADFD) {
+                        self.tun_gone = true;
+                    }
+                    return; // WouldBlock, or one packet the kernel could not give
+                }
             };
             if n <= VNET_HDR_LEN {
                 continue;
@@ -543,78 +635,22 @@ impl DataPath {
     }
 
     fn datagram(&mut self, st: &mut State, start: usize, end: usize, from: SocketAddr) {
-        let d = &self.recv[start..end];
-        let Ok(packet) = Tunn::parse_incoming_packet(d) else {
-            return;
-        };
-        let key = match &packet {
-            Packet::HandshakeInit(p) => {
-                let Some(id) = &st.id else { return };
-                // mac1, and under load the cookie, before the Diffie-Hellman that finds the peer
-                // (as boringtun's device does). `decapsulate` checks again and counts the
-                // handshake a second time: under a flood, cookies are asked for at half the rate.
-                let mut cookie = [0u8; 64];
-                match id.limiter.verify_packet(Some(from.ip()), d, &mut cookie) {
-                    Ok(_) => {}
-                    Err(TunnResult::WriteToNetwork(c)) => {
-                        self.replies.push((c.to_vec(), from));
-                        return;
-                    }
-                    Err(_) => return,
-                }
-                match parse_handshake_anon(&id.secret, &id.public, p) {
-                    Ok(hh) => PublicKey::from_bytes(hh.peer_static_public),
-                    Err(_) => return,
-                }
-            }
-            Packet::HandshakeResponse(p) => match st.by_index.get(&(p.receiver_idx >> 8)) {
-                Some(k) => *k,
-                None => return,
-            },
-            Packet::PacketCookieReply(p) => match st.by_index.get(&(p.receiver_idx >> 8)) {
-                Some(k) => *k,
-                None => return,
-            },
-            Packet::PacketData(p) => match st.by_index.get(&(p.receiver_idx >> 8)) {
-                Some(k) => *k,
-                None => return,
-            },
-        };
-        let Some(peer) = st.peers.get_mut(&key) else {
-            return;
-        };
-        match peer.tunn.decapsulate(Some(from.ip()), d, &mut self.dec) {
-            TunnResult::Done => {}
-            TunnResult::Err(_) => return,
-            TunnResult::WriteToNetwork(r) => {
-                self.replies.push((r.to_vec(), from));
-                // Packets queued while the handshake was under way.
-                while let TunnResult::WriteToNetwork(q) =
-                    peer.tunn.decapsulate(None, &[], &mut self.dec)
-                {
-                    self.replies.push((q.to_vec(), from));
-                }
-            }
-            TunnResult::WriteToTunnelV4(p, src) => {
-                if st.routes.find(IpAddr::V4(src)) == Some(&key) {
-                    self.gro.push(p);
-                }
-            }
-            TunnResult::WriteToTunnelV6(p, src) => {
-                if st.routes.find(IpAddr::V6(src)) == Some(&key) {
-                    self.gro.push(p);
-                }
-            }
-        }
-        // Authenticated: the peer is at this address now (roaming).
-        if let Some(peer) = st.peers.get_mut(&key) {
-            peer.endpoint = Some(from);
-        }
+        receive(
+            st,
+            &self.recv[start..end],
+            from,
+            &mut self.dec,
+            &mut self.gro,
+            &mut self.replies,
+        );
     }
 
     fn timers(&mut self, st: &mut State) {
         let mut sends = Vec::new();
+        let now = unix_now();
         for p in st.peers.values_mut() {
+            // Before the timers may expire the session (and with it boringtun's handshake time).
+            p.note_handshake(now);
             if let TunnResult::WriteToNetwork(d) = p.tunn.update_timers(&mut self.dec) {
                 if let Some(ep) = p.endpoint {
                     sends.push((d.to_vec(), ep));
@@ -623,6 +659,100 @@ impl DataPath {
         }
         for (d, ep) in sends {
             send_batch(st, &d, &[d.len()], ep);
+        }
+    }
+}
+
+/// Handles one datagram from `from`: decrypts it with the sending peer's session, queues the
+/// packet for the TUN (if its source is among that peer's allowed IPs) and the replies
+/// (handshake responses, cookies, packets queued during the handshake), and moves the peer's
+/// endpoint to `from` only when the datagram was authenticated.
+fn receive(
+    st: &mut State,
+    d: &[u8],
+    from: SocketAddr,
+    dec: &mut [u8],
+    gro: &mut Gro,
+    replies: &mut Vec<(Vec<u8>, SocketAddr)>,
+) {
+    let Ok(packet) = Tunn::parse_incoming_packet(d) else {
+        return;
+    };
+    let key = match &packet {
+        Packet::HandshakeInit(p) => {
+            let Some(id) = &st.id else { return };
+            // mac1, and under load the cookie, before the Diffie-Hellman that finds the peer
+            // (as boringtun's device does). `decapsulate` checks again and counts the
+            // handshake a second time: under a flood, cookies are asked for at half the rate.
+            let mut cookie = [0u8; 64];
+            match id.limiter.verify_packet(Some(from.ip()), d, &mut cookie) {
+                Ok(_) => {}
+                Err(TunnResult::WriteToNetwork(c)) => {
+                    replies.push((c.to_vec(), from));
+                    return;
+                }
+                Err(_) => return,
+            }
+            match parse_handshake_anon(&id.secret, &id.public, p) {
+                Ok(hh) => PublicKey::from_bytes(hh.peer_static_public),
+                Err(_) => return,
+            }
+        }
+        Packet::HandshakeResponse(p) => match st.by_index.get(&(p.receiver_idx >> 8)) {
+            Some(k) => *k,
+            None => return,
+        },
+        Packet::PacketCookieReply(p) => match st.by_index.get(&(p.receiver_idx >> 8)) {
+            Some(k) => *k,
+            None => return,
+        },
+        Packet::PacketData(p) => match st.by_index.get(&(p.receiver_idx >> 8)) {
+            Some(k) => *k,
+            None => return,
+        },
+    };
+    let is_data = matches!(packet, Packet::PacketData(_));
+    let Some(peer) = st.peers.get_mut(&key) else {
+        return;
+    };
+    // Whether the datagram proved to come from the peer: a data packet (or keepalive) that
+    // decrypted, or a handshake message that produced the next protocol message. A cookie reply
+    // (received, or sent by `decapsulate`'s rate limiter for a handshake message it did not
+    // process) authenticates nothing: an unverified handshake initiation must not move the
+    // endpoint (the kernel's rule too).
+    let authenticated = match peer.tunn.decapsulate(Some(from.ip()), d, dec) {
+        TunnResult::Done => is_data,
+        TunnResult::Err(_) => false,
+        TunnResult::WriteToNetwork(r) => {
+            let reply_type = r.first().copied();
+            replies.push((r.to_vec(), from));
+            // A handshake response (to an initiation), or the keepalive that confirms one.
+            let ok = matches!(reply_type, Some(HANDSHAKE_RESPONSE) | Some(DATA));
+            if ok {
+                // Packets queued while the handshake was under way.
+                while let TunnResult::WriteToNetwork(q) = peer.tunn.decapsulate(None, &[], dec) {
+                    replies.push((q.to_vec(), from));
+                }
+            }
+            ok
+        }
+        TunnResult::WriteToTunnelV4(p, src) => {
+            if st.routes.find(IpAddr::V4(src)) == Some(&key) {
+                gro.push(p);
+            }
+            true
+        }
+        TunnResult::WriteToTunnelV6(p, src) => {
+            if st.routes.find(IpAddr::V6(src)) == Some(&key) {
+                gro.push(p);
+            }
+            true
+        }
+    };
+    // Authenticated: the peer is at this address now (roaming).
+    if authenticated {
+        if let Some(peer) = st.peers.get_mut(&key) {
+            peer.endpoint = Some(from);
         }
     }
 }
@@ -684,7 +814,210 @@ impl Drop for Engine {
 
 #[cfg(test)]
 mod tests {
+    use super::super::key::PresharedKey;
     use super::*;
+
+    /// A device (state only, no TUN) with `limit` handshakes per second, and a remote peer's
+    /// `Tunn` configured with it as its peer. The device knows the peer with `allowed`, at
+    /// `endpoint`.
+    struct Pair {
+        st: State,
+        remote: Tunn,
+        remote_key: PublicKey,
+        remote_private: PrivateKey,
+        dec: Vec<u8>,
+        gro: Gro,
+        replies: Vec<(Vec<u8>, SocketAddr)>,
+    }
+
+    const ENDPOINT: &str = "192.0.2.1:51820";
+    const ELSEWHERE: &str = "198.51.100.7:40000";
+
+    fn pair(limit: u64, allowed: &[&str]) -> Pair {
+        let (udp4, udp6) = bind_pair(0, 0).unwrap();
+        let mut st = State::new(udp4, udp6, 0, 0);
+        let own = PrivateKey::generate().unwrap();
+        st.set_identity(Identity::new(&own, limit));
+        let rk = PrivateKey::generate().unwrap();
+        let remote_key = rk.public_key();
+        st.upsert_peer(
+            remote_key,
+            PeerConfig {
+                preshared_key: None,
+                endpoint: Some(ENDPOINT.parse().unwrap()),
+                allowed_ips: allowed.iter().map(|a| a.parse().unwrap()).collect(),
+                keepalive: 0,
+            },
+        );
+        let remote = Tunn::new(
+            x25519::StaticSecret::from(*rk.expose_bytes()),
+            x25519::PublicKey::from(*own.public_key().as_bytes()),
+            None,
+            None,
+            7,
+            None,
+        );
+        Pair {
+            st,
+            remote,
+            remote_key,
+            remote_private: rk,
+            dec: vec![0; 65536],
+            gro: Gro::new(),
+            replies: Vec::new(),
+        }
+    }
+
+    impl Pair {
+        fn deliver(&mut self, d: &[u8], from: &str) {
+            receive(
+                &mut self.st,
+                d,
+                from.parse().unwrap(),
+                &mut self.dec,
+                &mut self.gro,
+                &mut self.replies,
+            );
+        }
+
+        fn endpoint(&self) -> Option<SocketAddr> {
+            self.st.peers.get(&self.remote_key).and_then(|p| p.endpoint)
+        }
+
+        fn initiation(&mut self) -> Vec<u8> {
+            let mut b = vec![0u8; 256];
+            match self.remote.format_handshake_initiation(&mut b, true) {
+                TunnResult::WriteToNetwork(d) => d.to_vec(),
+                _ => panic!("no initiation"),
+            }
+        }
+
+        /// A full handshake from ENDPOINT; returns nothing, the session is up both ways.
+        fn handshake(&mut self) {
+            let init = self.initiation();
+            self.deliver(&init, ENDPOINT);
+            let (resp, _) = self.replies.pop().expect("a handshake response");
+            let mut b = vec![0u8; 256];
+            match self.remote.decapsulate(None, &resp, &mut b) {
+                TunnResult::WriteToNetwork(k) => {
+                    let k = k.to_vec();
+                    self.deliver(&k, ENDPOINT);
+                }
+                _ => panic!("handshake not completed"),
+            }
+            self.replies.clear();
+        }
+
+        fn data(&mut self, packet: &[u8]) -> Vec<u8> {
+            let mut b = vec![0u8; packet.len() + 64];
+            match self.remote.encapsulate(packet, &mut b) {
+                TunnResult::WriteToNetwork(d) => d.to_vec(),
+                _ => panic!("no session"),
+            }
+        }
+
+        fn delivered(&mut self) -> usize {
+            let mut n = 0;
+            self.gro.flush(|_| n += 1);
+            n
+        }
+    }
+
+    /// An IPv4 ICMP packet from `src`.
+    fn icmp_from(src: [u8; 4]) -> Vec<u8> {
+        let mut p = vec![0u8; 28];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&28u16.to_be_bytes());
+        p[8] = 64;
+        p[9] = 1;
+        p[12..16].copy_from_slice(&src);
+        p[16..20].copy_from_slice(&[10, 0, 0, 1]);
+        let c = offload::checksum(&p[..20], 0);
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn wg_show_keeps_the_handshake_time_and_counters_across_session_resets() {
+        let mut t = pair(100, &["10.0.1.0/24"]);
+        let info = t.st.info(unix_now());
+        assert_eq!(info.peers[0].last_handshake_time_sec, 0);
+        t.handshake();
+        let d = t.data(&icmp_from([10, 0, 1, 5]));
+        t.deliver(&d, ENDPOINT);
+        let before = t.st.info(unix_now()).peers[0].clone();
+        assert!(before.last_handshake_time_sec > 0);
+        assert!(before.rx_bytes > 0);
+        // A key change clears the sessions (boringtun forgets the handshake time) ...
+        let own = PrivateKey::generate().unwrap();
+        t.st.set_identity(Identity::new(&own, 100));
+        let after = t.st.info(unix_now()).peers[0].clone();
+        assert_eq!(
+            after.last_handshake_time_sec,
+            before.last_handshake_time_sec
+        );
+        // ... and a new preshared key restarts the peer's `Tunn`: counters go on.
+        let k = t.remote_key;
+        let mut cfg = t.st.peers[&k].cfg.clone();
+        cfg.preshared_key = Some(PresharedKey::from_bytes(zeroize::Zeroizing::new([7; 32])));
+        t.st.upsert_peer(k, cfg);
+        let again = t.st.info(unix_now()).peers[0].clone();
+        assert_eq!(again.rx_bytes, before.rx_bytes);
+        assert_eq!(
+            again.last_handshake_time_sec,
+            before.last_handshake_time_sec
+        );
+    }
+
+    #[test]
+    fn taking_a_peers_key_removes_that_peer() {
+        let mut t = pair(100, &["10.0.1.0/24"]);
+        let k = t.remote_private.clone();
+        t.st.set_identity(Identity::new(&k, 100));
+        assert!(t.st.peers.is_empty());
+        assert!(t.st.by_index.is_empty());
+        assert_eq!(t.st.routes.find("10.0.1.1".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn a_handshake_answered_with_a_cookie_does_not_move_the_endpoint() {
+        // Limit 1: the device's own check passes the first initiation, `decapsulate`'s check
+        // (the second count) is under load and answers with a cookie reply.
+        let mut t = pair(1, &["10.0.1.0/24"]);
+        let init = t.initiation();
+        t.deliver(&init, ELSEWHERE);
+        assert_eq!(t.replies.len(), 1);
+        assert_eq!(t.replies[0].0[0], 3, "a cookie reply");
+        assert_eq!(t.endpoint(), Some(ENDPOINT.parse().unwrap()));
+    }
+
+    #[test]
+    fn authenticated_packets_move_the_endpoint_and_sources_are_checked() {
+        let mut t = pair(100, &["10.0.1.0/24"]);
+        t.handshake();
+        // Allowed source, from a new address: delivered, endpoint follows.
+        let d = t.data(&icmp_from([10, 0, 1, 5]));
+        t.deliver(&d, ELSEWHERE);
+        assert_eq!(t.delivered(), 1);
+        assert_eq!(t.endpoint(), Some(ELSEWHERE.parse().unwrap()));
+        // A source outside the peer's allowed IPs: dropped.
+        let d = t.data(&icmp_from([10, 0, 2, 5]));
+        t.deliver(&d, ELSEWHERE);
+        assert_eq!(t.delivered(), 0);
+        // Garbage claiming the session: dropped, endpoint unchanged.
+        let mut d = t.data(&icmp_from([10, 0, 1, 5]));
+        let last = d.len() - 1;
+        d[last] ^= 1;
+        t.deliver(&d, ENDPOINT);
+        assert_eq!(t.delivered(), 0);
+        assert_eq!(t.endpoint(), Some(ELSEWHERE.parse().unwrap()));
+        // A removed peer's session is gone.
+        let d = t.data(&icmp_from([10, 0, 1, 5]));
+        let k = t.remote_key;
+        t.st.remove_peer(&k);
+        t.deliver(&d, ENDPOINT);
+        assert_eq!(t.delivered(), 0);
+    }
 
     #[test]
     fn gso_groups_follow_the_kernel_rule() {

@@ -291,6 +291,9 @@ struct TcpItem {
     closed: bool,
 }
 
+/// Most buffers [`Gro`] keeps for reuse (each up to [`MAX_PACKET`] bytes of capacity).
+const POOL_MAX: usize = 64;
+
 /// Coalesces the packets of a receive batch (GRO): consecutive in-order TCP segments of one flow
 /// (same addresses, ports, acknowledgment number, IP and TCP options) become one super-packet
 /// with a GSO virtio header; everything else passes unchanged (with an empty virtio header).
@@ -423,7 +426,11 @@ impl Gro {
                 _ => {} // the header is already zero (GSO_NONE, no flags)
             }
             write(&it.buf);
-            self.pool.push(it.buf);
+            // Bounded: a batch may hold a thousand small packets, and a recycled buffer keeps
+            // the capacity of the largest super-packet it ever held.
+            if self.pool.len() < POOL_MAX {
+                self.pool.push(it.buf);
+            }
         }
     }
 }
@@ -757,6 +764,20 @@ mod tests {
         let h = VnetHdr::parse(&frames[0]).unwrap();
         assert_eq!(h.gso_type, GSO_TCPV6);
         assert_eq!(frames[0].len(), VNET_HDR_LEN + 60 + 1500);
+    }
+
+    #[test]
+    fn gro_keeps_a_bounded_pool() {
+        let mut g = Gro::new();
+        let mut icmp = tcp4(0, 0, TCP_ACK, &[], &[0; 8], 4);
+        icmp[9] = 1;
+        for _ in 0..1000 {
+            g.push(&icmp);
+        }
+        let mut n = 0;
+        g.flush(|_| n += 1);
+        assert_eq!(n, 1000);
+        assert!(g.pool.len() <= POOL_MAX);
     }
 
     /// What the kernel does with a GSO frame we write: segments it, completing each checksum.
