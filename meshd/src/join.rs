@@ -194,29 +194,16 @@ pub async fn join(o: &JoinOptions) -> anyhow::Result<JoinSummary> {
     let pairs = PairStore::new(&data_dir);
     for ((id, cert), key) in ids.iter().zip(certs).zip(&keys) {
         let e = entry(&entries, id)?;
-        let links = match &e.output {
-            Output::Pair(l) => l.clone(),
-            Output::Kubeconfig { links, .. } => links.clone(),
-        };
-        pairs.write_pair(e.id, cert, &key.to_pem(), &links)?;
-        if let Output::Kubeconfig { file, links, .. } = &e.output {
-            let cred = data_dir.join(links.combined.clone().unwrap_or_default());
-            let text = kubeconfig::render(&KubeconfigSpec {
-                cluster_name: &resp.cluster_name,
-                server: &resp.apiserver_url,
-                ca: PemSource::File(&ca_path),
-                user: &e.profile.common_name,
-                credential: ClientCredential::Files {
-                    cert: &cred,
-                    key: &cred,
-                },
-            });
-            let p = data_dir.join(file);
-            store::write_atomic(&p, text.expose().as_bytes(), store::KEY_MODE)?;
-            files.push(p);
-        } else if let Some(c) = &links.cert {
-            files.push(data_dir.join(c));
-        }
+        files.extend(write_node_entry(
+            &data_dir,
+            &pairs,
+            e,
+            cert,
+            key,
+            &resp.cluster_name,
+            &resp.apiserver_url,
+            &ca_path,
+        )?);
     }
     store::write_atomic(&wg_path, wg_private.expose().as_bytes(), store::KEY_MODE)?;
     store::write_atomic(
@@ -253,6 +240,44 @@ pub async fn join(o: &JoinOptions) -> anyhow::Result<JoinSummary> {
         files,
         wireguard_public_key: wg_public,
     })
+}
+
+/// Writes one certificate of a node's bundle: a new version of its pair (the previous one stays as
+/// the previous version) and, for an entry that has one, the kubeconfig that references it. Returns
+/// the file a person would look at (the kubeconfig or the certificate). Shared by `join` and
+/// `join --rejoin`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn write_node_entry(
+    data_dir: &Path,
+    pairs: &PairStore,
+    e: &Entry,
+    cert_pem: &str,
+    key: &PrivateKey,
+    cluster_name: &str,
+    apiserver_url: &str,
+    ca_path: &Path,
+) -> anyhow::Result<Option<PathBuf>> {
+    let links = match &e.output {
+        Output::Pair(l) | Output::Kubeconfig { links: l, .. } => l.clone(),
+    };
+    pairs.write_pair(e.id, cert_pem, &key.to_pem(), &links)?;
+    if let Output::Kubeconfig { file, links, .. } = &e.output {
+        let cred = data_dir.join(links.combined.clone().unwrap_or_default());
+        let text = kubeconfig::render(&KubeconfigSpec {
+            cluster_name,
+            server: apiserver_url,
+            ca: PemSource::File(ca_path),
+            user: &e.profile.common_name,
+            credential: ClientCredential::Files {
+                cert: &cred,
+                key: &cred,
+            },
+        });
+        let p = data_dir.join(file);
+        store::write_atomic(&p, text.expose().as_bytes(), store::KEY_MODE)?;
+        return Ok(Some(p));
+    }
+    Ok(links.cert.as_ref().map(|c| data_dir.join(c)))
 }
 
 /// An mTLS client of the control plane for a joined node (its node identity) or a control plane's

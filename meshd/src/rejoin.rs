@@ -21,7 +21,6 @@ use base64::Engine;
 use hyper::Method;
 use pki::inventory::{self, Output};
 use pki::keys::{KeyAlgorithm, PrivateKey};
-use pki::kubeconfig::{self, ClientCredential, KubeconfigSpec, PemSource};
 use pki::store::{self, PairStore};
 use serde::{Deserialize, Serialize};
 
@@ -330,29 +329,17 @@ pub async fn rejoin(o: &RejoinOptions) -> anyhow::Result<JoinSummary> {
     let pairs = PairStore::new(&data_dir);
     for ((id, cert), key) in IDS.iter().zip(certs).zip(&keys) {
         let e = entry(id)?;
-        let links = match &e.output {
-            Output::Pair(l) | Output::Kubeconfig { links: l, .. } => l.clone(),
-        };
         // A new version; the expired one stays as the previous version.
-        pairs.write_pair(e.id, cert, &key.to_pem(), &links)?;
-        if let Output::Kubeconfig { file, links, .. } = &e.output {
-            let cred = data_dir.join(links.combined.clone().unwrap_or_default());
-            let text = kubeconfig::render(&KubeconfigSpec {
-                cluster_name: &resp.cluster_name,
-                server: &resp.apiserver_url,
-                ca: PemSource::File(&ca_path),
-                user: &e.profile.common_name,
-                credential: ClientCredential::Files {
-                    cert: &cred,
-                    key: &cred,
-                },
-            });
-            let p = data_dir.join(file);
-            store::write_atomic(&p, text.expose().as_bytes(), store::KEY_MODE)?;
-            files.push(p);
-        } else if let Some(c) = &links.cert {
-            files.push(data_dir.join(c));
-        }
+        files.extend(crate::join::write_node_entry(
+            &data_dir,
+            &pairs,
+            e,
+            cert,
+            key,
+            &resp.cluster_name,
+            &resp.apiserver_url,
+            &ca_path,
+        )?);
     }
     let mut cfg = settings::require_config(&data_dir)?;
     if let Some(jn) = cfg.joined.as_mut() {

@@ -10,7 +10,6 @@
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -93,18 +92,7 @@ impl Ns {
 
     /// Runs `f` on a thread inside the namespace (sockets made there stay in it).
     fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/var/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let fd = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-            rustix::thread::move_into_link_name_space(
-                fd.as_fd(),
-                Some(rustix::thread::LinkNameSpaceType::Network),
-            )
-            .unwrap_or_else(|e| panic!("setns {path}: {e}"));
-            f()
-        })
-        .join()
-        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+        meshd_e2e::netns_do(&self.name, f)
     }
 
     /// Waits until something accepts connections on `addr` in the namespace.
@@ -325,11 +313,13 @@ fn a_clean_control_plane_and_joined_node_audit_clean() {
     ]);
 
     // Processes are read too: the supervised etcd's command line from /proc. The audit reads only
-    // the processes of its own network namespace: an "etcd" outside it (a copy of sleep, which
-    // would fail every etcd CFG check) and other tests' components are not judged here.
+    // the processes of its own network namespace: an "etcd" outside it (sleep started through a
+    // link named etcd, so its argv says etcd; it would fail every etcd CFG check) and other tests'
+    // components are not judged here. (A link, not a copy: executing a file just written races
+    // with other tests' forks that inherit its write descriptor, ETXTBSY.)
     let fake_etcd = root.path().join("bin/etcd");
     std::fs::create_dir_all(root.path().join("bin")).expect("bin dir");
-    std::fs::copy("/bin/sleep", &fake_etcd).expect("copy sleep");
+    std::os::unix::fs::symlink("/bin/sleep", &fake_etcd).expect("link to sleep");
     let outside = ChildGuard::spawn(
         "fake etcd",
         Command::new(&fake_etcd).arg("600"),

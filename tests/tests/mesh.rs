@@ -21,14 +21,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{mpsc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use meshd_e2e::{free_port, meshd_bin, require_tool, run};
+use meshd_e2e::{free_port, meshd_bin, netns_do, require_tool, run};
 
 /// The Debian package's plugin directory.
 const CNI_PATH: &str = "/usr/lib/cni";
@@ -112,23 +111,6 @@ fn in_ns_ok(ns: &str, args: &[&str]) -> String {
         describe(&out)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs `f` on a thread that moved into network namespace `ns` (sockets made there stay in it,
-/// whichever thread uses them later). Other threads are not affected.
-fn netns_do<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/var/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let fd = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        rustix::thread::move_into_link_name_space(
-            fd.as_fd(),
-            Some(rustix::thread::LinkNameSpaceType::Network),
-        )
-        .unwrap_or_else(|e| panic!("setns {path}: {e}"));
-        f()
-    })
-    .join()
-    .unwrap_or_else(|e| std::panic::resume_unwind(e))
 }
 
 fn now_secs() -> u64 {

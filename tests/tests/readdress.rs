@@ -4,29 +4,12 @@
 //! network namespace of its own (root and /dev/net/tun, as the mesh tests;
 //! `MESHD_SKIP_NETNS_TESTS=1` skips it).
 
-use std::os::fd::AsFd as _;
 use std::process::Command;
 
 use meshd::api::PeerEvent;
 use meshd::mesh::{Mesh, MeshOptions};
 use meshd::registry::NodeRecord;
-use meshd_e2e::run;
-
-/// Runs `f` on a thread inside namespace `ns`.
-fn netns_do<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/var/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let fd = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        rustix::thread::move_into_link_name_space(
-            fd.as_fd(),
-            Some(rustix::thread::LinkNameSpaceType::Network),
-        )
-        .unwrap_or_else(|e| panic!("setns {path}: {e}"));
-        f()
-    })
-    .join()
-    .unwrap_or_else(|e| std::panic::resume_unwind(e))
-}
+use meshd_e2e::{netns_do, run};
 
 struct Netns(String);
 
