@@ -16,7 +16,7 @@ use pki::store::{self, PairStore};
 use serde::Serialize;
 
 use crate::api::client::ApiClient;
-use crate::api::{InfoResponse, JoinRequest, JoinResponse, NodeCsrs};
+use crate::api::{InfoResponse, JoinRequest, JoinResponse, NodeCerts, NodeCsrs};
 use crate::settings::{self, JoinedNode, MeshdConfig, Role};
 use crate::tls::{self, PinnedCaVerifier};
 
@@ -129,12 +129,7 @@ pub async fn join(o: &JoinOptions) -> anyhow::Result<JoinSummary> {
 
     let addresses = vec![o.advertise_address];
     let entries = inventory::node_entries(&o.node_name, &addresses);
-    let ids = [
-        "kubelet.conf",
-        "kubelet-serving",
-        "kube-proxy.conf",
-        "meshd-node",
-    ];
+    let ids = NodeCerts::IDS;
     let mut keys = Vec::new();
     let mut csrs = Vec::new();
     for id in ids {
@@ -171,20 +166,9 @@ pub async fn join(o: &JoinOptions) -> anyhow::Result<JoinSummary> {
     if ca_der != pinned_ca {
         bail!("the control plane returned a CA other than the one pinned by --ca-hash; nothing written");
     }
-    let certs = [
-        &resp.certs.kubelet_client,
-        &resp.certs.kubelet_serving,
-        &resp.certs.kube_proxy,
-        &resp.certs.node_identity,
-    ];
+    let certs = resp.certs.in_order();
     for ((id, cert), key) in ids.iter().zip(certs).zip(&keys) {
-        let der = pki::inspect::pem_to_der(cert).with_context(|| format!("{id}: certificate"))?;
-        if !pki::inspect::key_matches(&der, key)? {
-            bail!("{id}: the issued certificate does not carry this node's key; nothing written");
-        }
-        if let Err(e) = pki::inspect::verify_signed_by(&der, &ca_der)? {
-            bail!("{id}: the issued certificate does not chain to the pinned CA ({e}); nothing written");
-        }
+        crate::rotate::verify_issued(cert, key, &ca_der).with_context(|| id.to_string())?;
     }
 
     let mut files = Vec::new();

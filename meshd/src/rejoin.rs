@@ -25,7 +25,7 @@ use pki::store::{self, PairStore};
 use serde::{Deserialize, Serialize};
 
 use crate::api::client::{ApiClient, ClientError};
-use crate::api::{InfoResponse, JoinResponse, NodeCsrs};
+use crate::api::{InfoResponse, JoinResponse, NodeCerts, NodeCsrs};
 use crate::join::{JoinSummary, MAX_CLOCK_SKEW};
 use crate::material::{self, Found};
 use crate::settings::{self, Role};
@@ -158,12 +158,7 @@ pub fn pending_identity_path(data_dir: &Path) -> PathBuf {
     data_dir.join("pki/meshd/identity-pending.key")
 }
 
-const IDS: [&str; 4] = [
-    "kubelet.conf",
-    "kubelet-serving",
-    "kube-proxy.conf",
-    "meshd-node",
-];
+const IDS: [&str; 4] = NodeCerts::IDS;
 
 /// Restores a registered node's certificates (see the module documentation). Writes nothing unless
 /// the control plane issued every certificate and each one checks out against the pinned CA.
@@ -298,20 +293,9 @@ pub async fn rejoin(o: &RejoinOptions) -> anyhow::Result<JoinSummary> {
     if ca_der != pinned_ca {
         bail!("the control plane returned a CA other than the one pinned by --ca-hash; nothing written");
     }
-    let certs = [
-        &resp.certs.kubelet_client,
-        &resp.certs.kubelet_serving,
-        &resp.certs.kube_proxy,
-        &resp.certs.node_identity,
-    ];
+    let certs = resp.certs.in_order();
     for ((id, cert), key) in IDS.iter().zip(certs).zip(&keys) {
-        let der = pki::inspect::pem_to_der(cert).with_context(|| format!("{id}: certificate"))?;
-        if !pki::inspect::key_matches(&der, key)? {
-            bail!("{id}: the issued certificate does not carry this node's key; nothing written");
-        }
-        if let Err(e) = pki::inspect::verify_signed_by(&der, &ca_der)? {
-            bail!("{id}: the issued certificate does not chain to the pinned CA ({e}); nothing written");
-        }
+        crate::rotate::verify_issued(cert, key, &ca_der).with_context(|| id.to_string())?;
     }
     if resp.node.wireguard_public_key != wg_public {
         bail!(

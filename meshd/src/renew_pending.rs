@@ -30,12 +30,7 @@ use crate::material::{self, Found};
 use crate::settings::{self, Role};
 
 /// The node's entries in the order of [`NodeCerts`] (and of the kept keys).
-pub const IDS: [&str; 4] = [
-    "kubelet.conf",
-    "kubelet-serving",
-    "kube-proxy.conf",
-    "meshd-node",
-];
+pub const IDS: [&str; 4] = NodeCerts::IDS;
 
 /// Where a node keeps the keys of a renewal in flight.
 pub fn path(data_dir: &Path) -> PathBuf {
@@ -159,12 +154,7 @@ pub async fn complete(data_dir: &Path) -> anyhow::Result<Option<String>> {
                 .context("GET /v1/certs/last (completing an interrupted renewal)"))
         }
     };
-    let got = [
-        &certs.kubelet_client,
-        &certs.kubelet_serving,
-        &certs.kube_proxy,
-        &certs.node_identity,
-    ];
+    let got = certs.in_order();
     let mut matching = 0;
     for (cert, key) in got.iter().zip(&keys) {
         let der = inspect::pem_to_der(cert)?;

@@ -47,6 +47,7 @@ use pki::renewal::{self, RenewalPolicy};
 use pki::store::{self, PairLinks, PairStore};
 use serde::Serialize;
 
+use crate::api::NodeCerts;
 use crate::material::{self, Found, Problem};
 use crate::settings::{self, MeshdConfig, Role};
 
@@ -762,7 +763,7 @@ pub(crate) fn verify_issued(
 ) -> anyhow::Result<Vec<u8>> {
     let der = inspect::pem_to_der(cert_pem)?;
     if !inspect::key_matches(&der, key)? {
-        anyhow::bail!("the issued certificate does not carry the new key; nothing written");
+        anyhow::bail!("the issued certificate does not carry this node's new key; nothing written");
     }
     if let Err(e) = inspect::verify_signed_by(&der, ca_der)? {
         anyhow::bail!("the issued certificate does not chain to its CA ({e}); nothing written");
@@ -873,15 +874,6 @@ fn renew_locally(
     renewed(p, reason, &der)
 }
 
-/// The node's four certificates, in the order of [`crate::api::NodeCsrs`]. The identity comes last
-/// in the request but is written first: the control plane switched the node's identity key.
-const NODE_IDS: [&str; 4] = [
-    "kubelet.conf",
-    "kubelet-serving",
-    "kube-proxy.conf",
-    "meshd-node",
-];
-
 async fn node_pass(
     data_dir: &Path,
     entries: &[Entry],
@@ -982,7 +974,7 @@ async fn renew_bundle(
     }
     let mut keys = Vec::new();
     let mut csrs = Vec::new();
-    for id in NODE_IDS {
+    for id in NodeCerts::IDS {
         let p = find(id)?;
         let k = PrivateKey::generate(KeyAlgorithm::EcdsaP256)?;
         csrs.push(pki::csr::build_csr(&p.entry.profile, &k)?);
@@ -1020,21 +1012,16 @@ async fn renew_bundle(
         }
     };
     pki::failpoint!("rotate::node_after_response");
-    let got = [
-        &certs.kubelet_client,
-        &certs.kubelet_serving,
-        &certs.kube_proxy,
-        &certs.node_identity,
-    ];
+    let got = certs.in_order();
     // Check everything before writing anything.
     let mut ders = Vec::new();
-    for ((id, cert), key) in NODE_IDS.iter().zip(got).zip(&keys) {
+    for ((id, cert), key) in NodeCerts::IDS.iter().zip(got).zip(&keys) {
         ders.push(verify_issued(cert, key, ca_der).with_context(|| id.to_string())?);
     }
     let mut by_id: BTreeMap<&str, Done> = BTreeMap::new();
     // The identity first: from now on the control plane accepts only the new one.
     for i in [3usize, 0, 1, 2] {
-        let id = NODE_IDS[i];
+        let id = NodeCerts::IDS[i];
         let p = find(id)?;
         let reason = match &p.decision {
             Ok(Decision::Renew(r)) => r.clone(),

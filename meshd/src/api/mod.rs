@@ -63,6 +63,27 @@ pub struct NodeCerts {
     pub node_identity: String,
 }
 
+impl NodeCerts {
+    /// The inventory entry ids of a node's bundle, in the order of the fields (and of the CSRs and
+    /// keys a node makes for it).
+    pub const IDS: [&'static str; 4] = [
+        "kubelet.conf",
+        "kubelet-serving",
+        "kube-proxy.conf",
+        "meshd-node",
+    ];
+
+    /// The four certificates, in [`NodeCerts::IDS`] order.
+    pub fn in_order(&self) -> [&str; 4] {
+        [
+            &self.kubelet_client,
+            &self.kubelet_serving,
+            &self.kube_proxy,
+            &self.node_identity,
+        ]
+    }
+}
+
 /// `POST /v1/join`. `Debug` leaves the token out.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct JoinRequest {
